@@ -1,0 +1,8 @@
+"""dconnx: compile ReLU CNNs in ONNX into ONNX graphs that also return
+DC-decomposition attribution maps (SplitGrad, SplitCAM, SplitLRP)."""
+from .api import compile_model, convert  # noqa: F401
+from .compilation import Options  # noqa: F401
+from .errors import (DconnxError, InputError, InvalidModelError, LayerError,  # noqa: F401
+                     NumericalError, OptionError, UnsupportedOpError)
+
+__version__ = "0.1.0"

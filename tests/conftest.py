@@ -4,3 +4,33 @@ import sys
 # The torchvision workaround must run before any test module imports zennit or torchvision.
 sys.path.insert(0, os.path.dirname(__file__))
 import torchvision_ops  # noqa: E402,F401
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory) -> pathlib.Path:
+    """Directory caching zoo exports for the session.
+
+    Set DCONNX_ZOO_CACHE to a directory to reuse exports across test runs
+    (entries are keyed by model name, exporter and seed).
+    """
+    env = os.environ.get("DCONNX_ZOO_CACHE")
+    if env:
+        path = pathlib.Path(env).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="session")
+def zoo_model(zoo_dir):
+    """zoo_model(name, exporter, seed=0) -> path of the cached ONNX export (see tests/zoo.py)."""
+    import zoo
+
+    def get(name: str, exporter: str = "torchscript", seed: int = 0) -> pathlib.Path:
+        return zoo.exported(name, exporter, zoo_dir, seed=seed)
+
+    return get

@@ -1,0 +1,166 @@
+"""Options and the shared state of one conversion (what the passes read and extend)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .errors import OptionError
+from .graph import ModelView
+from .ir import ONNX_TO_NP, GraphBuilder
+
+SPLIT_METHODS = ("splitgrad", "splitcam", "splitlrp")
+
+
+@dataclass
+class Options:
+    """Every choice of a conversion, with the documented defaults."""
+    methods: tuple[str, ...] = ()
+    layer: str | int | None = None     # tensor name, "N", "N:out", or None = the input
+    alpha: float = 0.35                # default value of the `alpha` graph input
+    alpha_mode: str = "constant"       # "constant" | "frobenius"
+    maxpool: str = "wta"               # "wta" | "dc"
+    stabilize: str = "recenter"        # "recenter" | "none"
+    relu_backward: str = "standard"    # "standard" | "sum" | "mask_diff"
+    ties: str = "strict"               # "strict": 1[x > 0]; "geq": 1[x >= 0]
+    linear_form: str = "sumdiff"       # "sumdiff" (two products) | "four" (four products)
+    share_forward: bool = True         # reuse the original activations for recentered streams
+    lrp_epsilon: float = 1e-6
+    normalize: str = "none"            # "none" | "max" | "minmax"
+    upsample: bool = True
+    output: str | None = None          # which graph output to explain (default: the first)
+    expose: tuple[str, ...] = ()       # tensors whose streams/sensitivities become outputs (tests)
+    check: bool = True                 # run checker + strict shape inference on the result
+
+    _CHOICES = {
+        "alpha_mode": ("constant", "frobenius"),
+        "maxpool": ("wta", "dc"),
+        "stabilize": ("recenter", "none"),
+        "relu_backward": ("standard", "sum", "mask_diff"),
+        "ties": ("strict", "geq"),
+        "linear_form": ("sumdiff", "four"),
+        "normalize": ("none", "max", "minmax"),
+    }
+
+    def validate(self) -> "Options":
+        for key, allowed in self._CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise OptionError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if not (0.0 <= float(self.alpha) <= 0.5):
+            raise OptionError(f"alpha={self.alpha} is outside [0, 0.5]")
+        if self.lrp_epsilon < 0:
+            raise OptionError(f"lrp_epsilon={self.lrp_epsilon} must be >= 0")
+        return self
+
+
+@dataclass
+class StreamPair:
+    """The two nonnegative streams of one tensor, x = p - n (tensor names)."""
+    p: str
+    n: str
+
+
+@dataclass
+class Compilation:
+    """A canonical model plus everything the passes add to it."""
+    model: onnx.ModelProto
+    opts: Options
+    view: ModelView = field(init=False)
+    b: GraphBuilder = field(init=False)
+    streams: dict[str, StreamPair] = field(default_factory=dict)     # after recentering
+    pre_streams: dict[str, StreamPair] = field(default_factory=dict)  # an op's own output
+    explained: str = ""           # the logits tensor the maps explain
+    input_name: str = ""          # the data input the maps are drawn over
+    output_layer: str | None = None   # node name of the output layer (its shift is skipped)
+    new_inputs: list = field(default_factory=list)
+    new_outputs: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    cotangents: dict = field(default_factory=dict)   # (ruleset, tensor) -> cotangent
+    needed_nodes: set = field(default_factory=set)   # nodes the explained output depends on
+    heads: list = field(default_factory=list)        # planned Head objects (passes/heads.py)
+    rulesets: dict = field(default_factory=dict)     # name -> RuleSet used by the walk
+    result: onnx.ModelProto | None = None   # the converted model (optimize pass)
+    target_input: str = ""
+    alpha_input: str = ""
+    target_resolved: str = ""     # int64 [batch]: the explained class per sample
+    seed: str = ""                # one-hot [batch, classes] of the explained logit
+    shift_factor: str = ""        # 1 − 2α, from the alpha input
+    _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.view = ModelView(self.model)
+        taken = set()
+        for node in self.model.graph.node:
+            taken.update(node.output)
+            taken.update(node.input)
+            taken.add(node.name)
+        taken.update(t.name for t in self.model.graph.initializer)
+        taken.update(i.name for i in self.model.graph.input)
+        taken.update(o.name for o in self.model.graph.output)
+        elem = self.model.graph.input[0].type.tensor_type.elem_type if self.model.graph.input else 1
+        self.b = GraphBuilder(taken, float_dtype=ONNX_TO_NP.get(elem, np.float32))
+        self.b.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+    def exposed_tensors(self) -> list[str]:
+        return list(self.opts.expose)
+
+    @property
+    def float_type(self) -> int:
+        return onnx.helper.np_dtype_to_tensor_dtype(self.b.float_dtype)
+
+    def cached(self, key, make: Callable[[], object]):
+        """Emit something once per key (weight variants, masks, tiled tensors)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # -- forward values ----------------------------------------------------
+    def stream(self, name: str) -> StreamPair:
+        try:
+            return self.streams[name]
+        except KeyError:
+            raise RuntimeError(f"no streams for tensor '{name}' (split pass missing?)") from None
+
+    def pre_stream(self, name: str) -> StreamPair:
+        return self.pre_streams.get(name) or self.stream(name)
+
+    def stream_sum(self, name: str) -> str:
+        """p + n of a tensor (|x| under recentering)."""
+        sp = self.stream(name)
+        return self.cached(("S", name), lambda: self.b.add(sp.p, sp.n, hint=f"{name}::S"))
+
+    def mask(self, x: str) -> str:
+        """The Relu mask of tensor x as floats: 1[x > 0] (or 1[x >= 0] with ties='geq')."""
+        def make():
+            zero = self.b.scalar(0.0)
+            op = "Greater" if self.opts.ties == "strict" else "GreaterOrEqual"
+            m = self.b.op(op, [x, zero], hint=f"{x}::mask")
+            return self.b.cast(m, self.float_type, hint=f"{x}::maskf")
+        return self.cached(("mask", x), make)
+
+    def batch_size(self) -> str:
+        """int64 [1]: the run-time batch size of the data input."""
+        return self.cached("batch", lambda: self.b.shape_of(self.input_name, 0, 1, hint="batch"))
+
+    def maxpool_indices(self, node: onnx.NodeProto) -> str:
+        """The Indices output of a canonical MaxPool node (added on first use)."""
+        if len(node.output) > 1 and node.output[1]:
+            return node.output[1]
+        name = self.b.fresh(f"{node.output[0]}::indices")
+        if len(node.output) > 1:
+            node.output[1] = name
+        else:
+            node.output.append(name)
+        return name
+
+    def tiled(self, name: str, k: int) -> str:
+        """`name` repeated k times along the batch axis (for stacked cotangents)."""
+        if k == 1:
+            return name
+        return self.cached(("tile", name, k), lambda: self.b.concat([name] * k, axis=0,
+                                                                      hint=f"{name}::x{k}"))

@@ -1,0 +1,131 @@
+"""Loading, validating and atomically saving models."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import shape_inference
+
+from .errors import InvalidModelError
+
+# What the pinned onnxruntime accepts, and what the generated nodes need
+# (ScatterElements with reduction="add" and Split with a sizes input).
+MAX_IR_VERSION = 13
+MAX_OPSET = 26
+MIN_OPSET = 17
+
+ModelLike = "str | os.PathLike | onnx.ModelProto | bytes"
+
+
+def _check_external_paths(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data that points outside the model's folder."""
+    base = base_dir.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        if os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise InvalidModelError(
+                f"initializer '{tensor.name}' stores its data at '{loc}', outside the model's "
+                "folder; refusing to read it")
+        target = (base / loc)
+        if not target.resolve().is_relative_to(base):
+            raise InvalidModelError(
+                f"initializer '{tensor.name}' stores its data at '{loc}', which resolves outside "
+                "the model's folder; refusing to read it")
+        if not target.exists():
+            raise InvalidModelError(
+                f"initializer '{tensor.name}' needs the external data file '{loc}', which is missing")
+
+
+def load_model(source, *, check: bool = True) -> onnx.ModelProto:
+    """Load a model from a path, bytes or a ModelProto, with external data, and validate it.
+
+    Raises InvalidModelError naming the reason when the file is not a valid model.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        base_dir = None
+    elif isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "<bytes>")
+        base_dir = None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidModelError(f"no model file at '{path}'")
+        model = _parse(path.read_bytes(), str(path))
+        base_dir = path.parent
+    if base_dir is not None:
+        _check_external_paths(model, base_dir)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+        except Exception as e:  # truncated or unreadable data files
+            raise InvalidModelError(f"cannot read the external data of '{source}': {e}") from e
+    if check:
+        validate(model)
+    return model
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as e:
+        raise InvalidModelError(f"'{where}' is not an ONNX model (protobuf parse failed: {e})") from e
+    if not model.HasField("graph") or not model.graph.node:
+        raise InvalidModelError(f"'{where}' is not an ONNX model (no graph or no nodes)")
+    return model
+
+
+def validate(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Full checker plus strict shape inference; returns the model with inferred shapes."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise InvalidModelError(f"the model fails onnx.checker: {_first_line(e)}") from e
+    try:
+        inferred = shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
+                                                data_prop=True)
+    except Exception as e:
+        raise InvalidModelError(f"the model fails strict shape inference: {_first_line(e)}") from e
+    return inferred
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically (temporary file, then rename).
+
+    External data (`<name>.data` beside the file) is used when asked, or when the
+    model would not fit in one protobuf.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.ByteSize()
+    if external_data is None:
+        external_data = size > 1_800_000_000
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    data_name = path.name + ".data"
+    try:
+        staged = workdir / path.name
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            onnx.save_model(copy, str(staged))
+            os.replace(workdir / data_name, path.parent / data_name)
+        else:
+            staged.write_bytes(model.SerializeToString())
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return path

@@ -1,0 +1,158 @@
+"""Pieces shared by the op families: linear maps, weight variants, stream bookkeeping.
+
+Most canonical ops are linear in their one data input at fixed masks. Such an
+op is described by a `LinearMap` that knows how to apply itself (forward) and
+its transpose (backward) with a chosen weight variant:
+
+    "W"    the weight itself          "abs"  |W|
+    "pos"  W⁺ = max(W, 0)             "neg"  W⁻ = max(−W, 0)
+    "gamma=<g>"  W + g·W⁺  (LRP-γ)
+
+`deflinear` registers the split rule and the backward rule of such an op from
+one map factory, as JAX's `deflinear` does for linear primitives.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+
+from ..compilation import Compilation, StreamPair
+from ..ir import attrs
+from . import backward_rule, describe, split_rule
+
+NONNEG_VARIANTS = ("W", "abs", "pos")
+
+
+def weight_variant(comp: Compilation, w: str, variant: str) -> str:
+    """A variant of a constant tensor, computed in the graph from the original
+    initializer (onnxruntime folds it once at session start; the file keeps one copy)."""
+    if variant == "W":
+        return w
+    b = comp.b
+
+    def make():
+        if variant == "abs":
+            return b.abs(w, hint=f"{w}::abs")
+        if variant == "pos":
+            return b.relu(w, hint=f"{w}::pos")
+        if variant == "neg":
+            return b.relu(b.neg(w), hint=f"{w}::neg")
+        if variant.startswith("gamma="):
+            g = float(variant.split("=", 1)[1])
+            return b.add(w, b.mul(b.relu(w), b.scalar(g)), hint=f"{w}::gamma")
+        raise ValueError(f"unknown weight variant {variant!r}")
+    return comp.cached(("weight", w, variant), make)
+
+
+class LinearMap:
+    """y = M x + c for the data input x of one node (c: optional constant bias).
+
+    kind: "weight" (Conv/Gemm/MatMul/BN), "affine" (constant Mul/Add),
+    "pool" (average pooling) or "move" (reshapes, slices, pads: relevance is
+    moved, not redistributed). `nonneg` maps have M ≥ 0, so every nonnegative
+    variant is M itself and "neg" is zero.
+    """
+    kind = "weight"
+    nonneg = False
+
+    def __init__(self, comp: Compilation, node: onnx.NodeProto, x: str, y: str):
+        self.comp, self.node, self.x, self.y = comp, node, x, y
+        self.b = comp.b
+        self.attrs = attrs(node)
+
+    # forward product without the bias
+    def apply(self, x: str, variant: str = "W") -> str:
+        raise NotImplementedError
+
+    # adjoint product (input-shaped), batch-agnostic
+    def transpose(self, ct: str, variant: str = "W") -> str:
+        raise NotImplementedError
+
+    # the bias variant, broadcastable to y, or None
+    def bias(self, variant: str = "W") -> str | None:
+        return None
+
+    def weight(self) -> str | None:
+        """The weight tensor (for per-layer α), if any."""
+        return None
+
+    def _nonneg_variant(self, variant: str) -> str | None:
+        """For nonneg maps: the variant to use, or None when it is zero."""
+        if variant == "neg":
+            return None
+        return "W"
+
+
+def set_streams(comp: Compilation, y: str, P: str, N: str, recenter: bool) -> None:
+    """Record an op's output streams and apply recentering where the op is a recentering point."""
+    comp.pre_streams[y] = StreamPair(P, N)
+    if recenter and comp.opts.stabilize == "recenter":
+        b = comp.b
+        if comp.opts.share_forward:
+            d = y          # p − n is the original activation
+        else:
+            d = b.sub(P, N, hint=f"{y}::d")
+        comp.streams[y] = StreamPair(b.relu(d, hint=f"{y}::p"),
+                                     b.relu(b.neg(d), hint=f"{y}::n"))
+    else:
+        comp.streams[y] = StreamPair(P, N)
+
+
+def _plus(b, a: str | None, c: str | None, hint: str) -> str | None:
+    if a is None:
+        return c
+    if c is None:
+        return a
+    return b.add(a, c, hint=hint)
+
+
+def split_linear(comp: Compilation, lin: LinearMap, recenter: bool) -> None:
+    """Streams of y = W x + c from the streams of x (SPEC §1 linear rule)."""
+    b = comp.b
+    sp = comp.stream(lin.x)
+    y = lin.y
+    if lin.nonneg:
+        P = lin.apply(sp.p)
+        N = lin.apply(sp.n)
+        P = _plus(b, P, lin.bias("pos"), f"{y}::P")
+        N = _plus(b, N, lin.bias("neg"), f"{y}::N")
+    elif comp.opts.linear_form == "four":
+        P = b.add(lin.apply(sp.p, "pos"), lin.apply(sp.n, "neg"), hint=f"{y}::P")
+        N = b.add(lin.apply(sp.p, "neg"), lin.apply(sp.n, "pos"), hint=f"{y}::N")
+        P = _plus(b, P, lin.bias("pos"), f"{y}::P")
+        N = _plus(b, N, lin.bias("neg"), f"{y}::N")
+    else:
+        S = lin.apply(comp.stream_sum(lin.x), "abs")
+        S = _plus(b, S, lin.bias("abs"), f"{y}::S")
+        if comp.opts.share_forward:
+            D = y
+        else:
+            D = lin.apply(b.sub(sp.p, sp.n, hint=f"{lin.x}::d"), "W")
+            D = _plus(b, D, lin.bias("W"), f"{y}::D")
+        # (S ± D)/2 can round to a tiny negative: clamp, streams are never negative
+        P = b.relu(b.half(b.add(S, D)), hint=f"{y}::P")
+        N = b.relu(b.half(b.sub(S, D)), hint=f"{y}::N")
+    set_streams(comp, y, P, N, recenter)
+
+
+def deflinear(op_type: str, family: str, make_map: Callable[[Compilation, onnx.NodeProto], LinearMap],
+              *, shift: bool, recenter: bool, doc: str) -> None:
+    """Register split and backward rules of an op that is linear in its one data input."""
+    describe(op_type, family, shift=shift, recenter=recenter, doc=doc)
+
+    @split_rule(op_type)
+    def _split(comp: Compilation, node: onnx.NodeProto) -> None:
+        split_linear(comp, make_map(comp, node), recenter)
+
+    @backward_rule(op_type)
+    def _backward(comp: Compilation, node: onnx.NodeProto, rs, cts):
+        lin = make_map(comp, node)
+        return [(lin.x, rs.linear(cts[0], lin))]
+
+    _split.__name__ = f"split_{op_type.lower()}"
+    _backward.__name__ = f"backward_{op_type.lower()}"
+
+
+def data_inputs(comp: Compilation, node: onnx.NodeProto) -> list[str]:
+    return [i for i in node.input if i and comp.view.is_data(i)]

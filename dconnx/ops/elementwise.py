@@ -1,0 +1,147 @@
+"""Add, Sub, Mul: sums of two data tensors, and affine ops with a constant.
+
+`Add`/`Sub` of two data tensors is a shift and recentering point: its streams
+are `(p₁ + p₂, n₁ + n₂)` (Sub: `(p₁ + n₂, n₁ + p₂)`). With a constant
+operand the op is an affine map `s·x + t` (no shift, no recentering).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..compilation import StreamPair
+from .base import LinearMap, data_inputs, set_streams, split_linear, weight_variant
+from . import backward_rule, describe, split_rule
+
+
+class AffineMap(LinearMap):
+    """y = s ⊙ x + t with constants s (None: 1) and t (None: 0) that broadcast to x's shape."""
+    kind = "affine"
+
+    def __init__(self, comp, node, x, y, scale: np.ndarray | None, shift: np.ndarray | None):
+        super().__init__(comp, node, x, y)
+        rank = comp.view.rank(x)
+        self.s = None if scale is None else self._const(scale, rank, "scale")
+        self.t = None if shift is None else self._const(shift, rank, "bias")
+        self.nonneg = scale is None or bool(np.all(scale >= 0))
+        self.scale = scale
+
+    def _const(self, value, rank, what):
+        key = (self.node.name, self.node.output[0], what)
+        arr = np.asarray(value, dtype=self.b.float_dtype)
+        if rank is not None and arr.ndim > rank:
+            arr = arr.reshape(arr.shape[arr.ndim - rank:])
+        return self.comp.cached(("affine", key), lambda: self.b.const(arr, hint=f"{self.y}::{what}"))
+
+    def weight(self):
+        return self.s
+
+    def apply(self, x, variant="W"):
+        if self.s is None:
+            return x if variant != "neg" else self.b.zeros_like(x)
+        return self.b.mul(x, weight_variant(self.comp, self.s, variant), hint=f"{self.y}::affine")
+
+    def transpose(self, ct, variant="W"):
+        if self.s is None:
+            return ct if variant != "neg" else self.b.zeros_like(ct)
+        return self.b.mul(ct, weight_variant(self.comp, self.s, variant), hint=f"{self.x}::affineT")
+
+    def bias(self, variant="W"):
+        return None if self.t is None else weight_variant(self.comp, self.t, variant)
+
+
+def affine_of(comp, node) -> AffineMap:
+    """The affine map of an Add/Sub/Mul/Div with one constant operand."""
+    a, c = node.input[0], node.input[1]
+    data_first = comp.view.is_data(a)
+    x, k = (a, c) if data_first else (c, a)
+    const = comp.view.const(k)
+    if const is None:
+        raise RuntimeError(f"{node.name}: operand '{k}' is not a constant after canonicalization")
+    op = node.op_type
+    y = node.output[0]
+    if op == "Add":
+        return AffineMap(comp, node, x, y, None, const)
+    if op == "Sub":
+        if data_first:
+            return AffineMap(comp, node, x, y, None, -const)
+        return AffineMap(comp, node, x, y, -np.ones_like(const), const)
+    if op == "Mul":
+        return AffineMap(comp, node, x, y, const, None)
+    if op == "Div" and data_first:
+        return AffineMap(comp, node, x, y, 1.0 / const, None)
+    raise RuntimeError(f"{node.name}: {op} with a data divisor is not affine")
+
+
+def _two_data(comp, node) -> bool:
+    return len(data_inputs(comp, node)) == 2
+
+
+def _split_sum(comp, node):
+    b = comp.b
+    s1, s2 = comp.stream(node.input[0]), comp.stream(node.input[1])
+    y = node.output[0]
+    if node.op_type == "Add":
+        P, N = b.add(s1.p, s2.p, hint=f"{y}::P"), b.add(s1.n, s2.n, hint=f"{y}::N")
+    else:
+        P, N = b.add(s1.p, s2.n, hint=f"{y}::P"), b.add(s1.n, s2.p, hint=f"{y}::N")
+    set_streams(comp, y, P, N, recenter=True)
+
+
+for _op in ("Add", "Sub"):
+    describe(_op, "elementwise", shift="two-data", recenter="two-data",
+             doc="two data tensors of one shape: shift and recentering point; "
+                 "with a constant operand: affine bias")
+
+
+@split_rule("Add")
+def split_add(comp, node):
+    if _two_data(comp, node):
+        _split_sum(comp, node)
+    else:
+        split_linear(comp, affine_of(comp, node), recenter=False)
+
+
+@split_rule("Sub")
+def split_sub(comp, node):
+    split_add(comp, node)
+
+
+@backward_rule("Add")
+def backward_add(comp, node, rs, cts):
+    if _two_data(comp, node):
+        ca, cb = rs.sum2(cts[0], node, sign=+1)
+        return [(node.input[0], ca), (node.input[1], cb)]
+    lin = affine_of(comp, node)
+    return [(lin.x, rs.linear(cts[0], lin))]
+
+
+@backward_rule("Sub")
+def backward_sub(comp, node, rs, cts):
+    if _two_data(comp, node):
+        ca, cb = rs.sum2(cts[0], node, sign=-1)
+        return [(node.input[0], ca), (node.input[1], cb)]
+    lin = affine_of(comp, node)
+    return [(lin.x, rs.linear(cts[0], lin))]
+
+
+describe("Mul", "elementwise", shift=False, recenter=False,
+         doc="by a constant (either sign; per-channel constants too); data x data is refused")
+
+
+@split_rule("Mul")
+def split_mul(comp, node):
+    split_linear(comp, affine_of(comp, node), recenter=False)
+
+
+@backward_rule("Mul")
+def backward_mul(comp, node, rs, cts):
+    lin = affine_of(comp, node)
+    return [(lin.x, rs.linear(cts[0], lin))]
+
+
+def constant_streams(comp, name: str) -> StreamPair:
+    """Streams of a constant operand: (relu(c), relu(-c))."""
+    def make():
+        b = comp.b
+        return StreamPair(b.relu(name, hint=f"{name}::p"), b.relu(b.neg(name), hint=f"{name}::n"))
+    return comp.cached(("conststreams", name), make)

@@ -1,0 +1,137 @@
+"""Conv, Gemm, MatMul: the weight-linear ops.
+
+Transposed convolutions with stride 1 are emitted as a Conv with the flipped,
+transposed kernel (faster than ConvTranspose in onnxruntime, same result);
+strided ones as ConvTranspose with the output padding that restores the
+input size.
+"""
+from __future__ import annotations
+
+from ..errors import UnsupportedOpError
+from ..ir import node_label
+from .base import LinearMap, deflinear, weight_variant
+
+
+class ConvMap(LinearMap):
+    def __init__(self, comp, node):
+        super().__init__(comp, node, node.input[0], node.output[0])
+        self.w = node.input[1]
+        self.c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        wshape = comp.view.shape(self.w)
+        self.k = list(self.attrs.get("kernel_shape", wshape[2:]))
+        nd = len(self.k)
+        self.nd = nd
+        self.strides = list(self.attrs.get("strides", [1] * nd))
+        self.dil = list(self.attrs.get("dilations", [1] * nd))
+        self.pads = list(self.attrs.get("pads", [0] * (2 * nd)))
+        self.group = int(self.attrs.get("group", 1))
+        self.cout = wshape[0]
+        self.cin_g = wshape[1]
+
+    def weight(self):
+        return self.w
+
+    def apply(self, x, variant="W"):
+        w = weight_variant(self.comp, self.w, variant)
+        return self.b.op("Conv", [x, w], kernel_shape=self.k, strides=self.strides,
+                         dilations=self.dil, pads=self.pads, group=self.group,
+                         hint=f"{self.y}::conv.{variant}")
+
+    def bias(self, variant="W"):
+        if self.c is None:
+            return None
+        shape = [-1] + [1] * self.nd
+        c = self.comp.cached(("convbias", self.c), lambda: self.b.reshape(self.c, shape))
+        return weight_variant(self.comp, c, variant)
+
+    def _flipped(self, variant):
+        """Kernel of the adjoint as a stride-1 Conv: swap in/out channels per group, flip space."""
+        def make():
+            b, g = self.b, self.group
+            w = weight_variant(self.comp, self.w, variant)
+            w5 = b.reshape(w, [g, self.cout // g, self.cin_g] + self.k)
+            wt = b.op("Transpose", [w5], perm=[0, 2, 1] + list(range(3, 3 + self.nd)))
+            wt = b.reshape(wt, [g * self.cin_g, self.cout // g] + self.k)
+            axes = list(range(2, 2 + self.nd))
+            big = 2 ** 62
+            return b.slice(wt, [-1] * self.nd, [-big] * self.nd, axes, [-1] * self.nd,
+                           hint=f"{self.w}::flipT.{variant}")
+        return self.comp.cached(("flipT", self.w, variant), make)
+
+    def transpose(self, ct, variant="W"):
+        b = self.b
+        in_shape = self.comp.view.shape(self.x)
+        out_shape = self.comp.view.shape(self.y)
+        nd = self.nd
+        reach = [self.dil[i] * (self.k[i] - 1) for i in range(nd)]
+        flip_pads = [reach[i] - self.pads[i] for i in range(nd)] + \
+                    [reach[i] - self.pads[nd + i] for i in range(nd)]
+        if all(s == 1 for s in self.strides) and all(p >= 0 for p in flip_pads):
+            return b.op("Conv", [ct, self._flipped(variant)], kernel_shape=self.k, strides=[1] * nd,
+                        dilations=self.dil, pads=flip_pads, group=self.group,
+                        hint=f"{self.x}::convT.{variant}")
+        out_pad = []
+        for i in range(nd):
+            full = (out_shape[2 + i] - 1) * self.strides[i] - self.pads[i] - self.pads[nd + i] \
+                + reach[i] + 1
+            out_pad.append(in_shape[2 + i] - full)
+        if any(p < 0 or p >= max(self.strides[i], self.dil[i]) for i, p in enumerate(out_pad)):
+            raise UnsupportedOpError([(node_label(self.node), "Conv",
+                                       f"cannot build the transposed convolution (output padding {out_pad})")])
+        w = weight_variant(self.comp, self.w, variant)
+        return b.op("ConvTranspose", [ct, w], kernel_shape=self.k, strides=self.strides,
+                    dilations=self.dil, pads=self.pads, group=self.group,
+                    output_padding=out_pad if any(out_pad) else None,
+                    hint=f"{self.x}::convT.{variant}")
+
+
+class GemmMap(LinearMap):
+    """Canonical Gemm: transA = 0, alpha = beta = 1 (canonicalize folds the rest)."""
+
+    def __init__(self, comp, node):
+        super().__init__(comp, node, node.input[0], node.output[0])
+        self.w = node.input[1]
+        self.c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        self.trans_b = int(self.attrs.get("transB", 0))
+
+    def weight(self):
+        return self.w
+
+    def apply(self, x, variant="W"):
+        return self.b.op("Gemm", [x, weight_variant(self.comp, self.w, variant)],
+                         transB=self.trans_b or None, hint=f"{self.y}::gemm.{variant}")
+
+    def bias(self, variant="W"):
+        return None if self.c is None else weight_variant(self.comp, self.c, variant)
+
+    def transpose(self, ct, variant="W"):
+        return self.b.op("Gemm", [ct, weight_variant(self.comp, self.w, variant)],
+                         transB=(1 - self.trans_b) or None, hint=f"{self.x}::gemmT.{variant}")
+
+
+class MatMulMap(LinearMap):
+    """x @ B with a constant B of rank 2."""
+
+    def __init__(self, comp, node):
+        super().__init__(comp, node, node.input[0], node.output[0])
+        self.w = node.input[1]
+
+    def weight(self):
+        return self.w
+
+    def apply(self, x, variant="W"):
+        return self.b.op("MatMul", [x, weight_variant(self.comp, self.w, variant)],
+                         hint=f"{self.y}::matmul.{variant}")
+
+    def transpose(self, ct, variant="W"):
+        wt = self.comp.cached(("matmulT", self.w, variant), lambda: self.b.op(
+            "Transpose", [weight_variant(self.comp, self.w, variant)], perm=[1, 0]))
+        return self.b.op("MatMul", [ct, wt], hint=f"{self.x}::matmulT.{variant}")
+
+
+deflinear("Conv", "linear", ConvMap, shift=True, recenter=True,
+          doc="any stride/padding/dilation/groups (grouped, depthwise); constant weight and bias")
+deflinear("Gemm", "linear", GemmMap, shift=True, recenter=True,
+          doc="constant weight (transB either way) and bias; alpha/beta/transA folded by canonicalize")
+deflinear("MatMul", "linear", MatMulMap, shift=True, recenter=True,
+          doc="data @ constant 2-D matrix (a MatMul of two data tensors is refused)")

@@ -1,0 +1,39 @@
+"""BatchNormalization that could not be folded: a per-channel affine map s·x + t."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backward_rule, describe, split_rule
+from .base import split_linear
+from .elementwise import AffineMap
+
+describe("BatchNormalization", "normalization", shift=True, recenter=True,
+         doc="inference mode; folded into the preceding Conv/Gemm where legal, "
+             "else split as a per-channel affine map (a shift and recentering point)")
+
+
+def bn_map(comp, node) -> AffineMap:
+    v = comp.view
+    gamma, beta, mean, var = (v.const(n) for n in node.input[1:5])
+    eps = 1e-5
+    for a in node.attribute:
+        if a.name == "epsilon":
+            eps = a.f
+    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+    t = beta.astype(np.float64) - mean.astype(np.float64) * s
+    rank = v.rank(node.input[0]) or 4
+    shape = [-1] + [1] * (rank - 2)
+    lin = AffineMap(comp, node, node.input[0], node.output[0], s.reshape(shape), t.reshape(shape))
+    lin.kind = "weight"
+    return lin
+
+
+@split_rule("BatchNormalization")
+def split_bn(comp, node):
+    split_linear(comp, bn_map(comp, node), recenter=True)
+
+
+@backward_rule("BatchNormalization")
+def backward_bn(comp, node, rs, cts):
+    lin = bn_map(comp, node)
+    return [(lin.x, rs.linear(cts[0], lin))]

@@ -1,0 +1,209 @@
+"""Data-movement ops: each stream moves the same way; relevance is moved, not redistributed.
+
+All of them must leave axis 0 (the batch) alone: cotangents of several
+streams are stacked along it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backward_rule, describe, split_rule
+from .base import LinearMap, deflinear, set_streams
+from .elementwise import constant_streams
+
+BIG = 2 ** 62
+
+
+class MoveMap(LinearMap):
+    kind = "move"
+    nonneg = True
+
+    def __init__(self, comp, node):
+        super().__init__(comp, node, node.input[0], node.output[0])
+        self.in_shape = comp.view.shape(self.x)
+        self.out_shape = comp.view.shape(self.y)
+
+    def apply(self, x, variant="W"):
+        if variant == "neg":
+            return self.b.zeros_like(self.y)
+        ins = [x] + list(self.node.input[1:])
+        return self.b.op(self.node.op_type, ins, hint=f"{self.y}::{self.node.op_type.lower()}",
+                         **self.attrs)
+
+    def transpose(self, ct, variant="W"):
+        assert variant != "neg", "nonnegative maps have no negative part"
+        return self.adjoint(ct)
+
+    def adjoint(self, ct):
+        raise NotImplementedError
+
+
+class ReshapeMap(MoveMap):
+    def adjoint(self, ct):
+        return self.b.reshape(ct, [-1] + list(self.in_shape[1:]), hint=f"{self.x}::reshapeT")
+
+
+class TransposeMap(MoveMap):
+    def adjoint(self, ct):
+        perm = list(self.attrs["perm"])
+        inv = [perm.index(i) for i in range(len(perm))]
+        return self.b.op("Transpose", [ct], perm=inv, hint=f"{self.x}::transposeT")
+
+
+class SqueezeMap(MoveMap):
+    def adjoint(self, ct):
+        return self.b.reshape(ct, [-1] + list(self.in_shape[1:]), hint=f"{self.x}::squeezeT")
+
+
+class PadMap(MoveMap):
+    """Constant-0 Pad: the adjoint crops."""
+
+    def adjoint(self, ct):
+        pads = [int(v) for v in self.comp.view.const(self.node.input[1])]
+        rank = len(self.in_shape)
+        axes = list(range(rank))
+        if len(self.node.input) > 3 and self.node.input[3]:
+            axes = [int(a) % rank for a in self.comp.view.const(self.node.input[3])]
+        n = len(axes)
+        starts = [pads[i] for i in range(n)]
+        ends = [pads[i] + self.in_shape[axes[i]] for i in range(n)]
+        keep = [i for i in range(n) if axes[i] != 0]
+        return self.b.slice(ct, [starts[i] for i in keep], [ends[i] for i in keep],
+                            [axes[i] for i in keep], hint=f"{self.x}::padT")
+
+
+class SliceMap(MoveMap):
+    """Slice with unit steps: the adjoint pads with zeros."""
+
+    def adjoint(self, ct):
+        rank = len(self.in_shape)
+        v = self.comp.view
+        starts = [int(s) for s in v.const(self.node.input[1])]
+        ends = [int(e) for e in v.const(self.node.input[2])]
+        axes = [int(a) % rank for a in v.const(self.node.input[3])] if len(self.node.input) > 3 \
+            and self.node.input[3] else list(range(len(starts)))
+        before, after = [0] * rank, [0] * rank
+        for s, e, a in zip(starts, ends, axes):
+            dim = self.in_shape[a]
+            s = min(max(s + dim if s < 0 else s, 0), dim)
+            e = min(max(e + dim if e < 0 else e, 0), dim)
+            before[a], after[a] = s, dim - e
+        return self.b.op("Pad", [ct, self.b.ints(before + after)], mode="constant",
+                         hint=f"{self.x}::sliceT")
+
+
+deflinear("Reshape", "shape", ReshapeMap, shift=False, recenter=False,
+          doc="constant target shape that keeps the batch axis (Flatten is rewritten to it)")
+deflinear("Transpose", "shape", TransposeMap, shift=False, recenter=False,
+          doc="any permutation that keeps axis 0 first")
+deflinear("Squeeze", "shape", SqueezeMap, shift=False, recenter=False, doc="constant axes, not axis 0")
+deflinear("Unsqueeze", "shape", SqueezeMap, shift=False, recenter=False, doc="constant axes, not axis 0")
+deflinear("Pad", "shape", PadMap, shift=False, recenter=False,
+          doc="mode constant with value 0, nonnegative pads, batch axis unpadded")
+deflinear("Slice", "shape", SliceMap, shift=False, recenter=False,
+          doc="constant starts/ends/axes, unit steps, batch axis untouched")
+
+
+# -- Concat: several inputs, one output ------------------------------------
+describe("Concat", "shape", shift=False, recenter=False,
+         doc="along a non-batch axis; constant operands allowed")
+
+
+def _concat_offsets(comp, node):
+    axis = int(next(a.i for a in node.attribute if a.name == "axis"))
+    rank = comp.view.rank(node.output[0])
+    axis %= rank
+    sizes = [comp.view.shape(i)[axis] for i in node.input]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return axis, sizes, offsets
+
+
+@split_rule("Concat")
+def split_concat(comp, node):
+    axis, _, _ = _concat_offsets(comp, node)
+    pairs = [comp.stream(i) if comp.view.is_data(i) else constant_streams(comp, i)
+             for i in node.input]
+    b = comp.b
+    y = node.output[0]
+    P = b.concat([sp.p for sp in pairs], axis=axis, hint=f"{y}::P")
+    N = b.concat([sp.n for sp in pairs], axis=axis, hint=f"{y}::N")
+    set_streams(comp, y, P, N, recenter=False)
+
+
+class ConcatPieceMap(LinearMap):
+    """y = concat(..., x_i, ...) seen from input i: the adjoint slices piece i."""
+    kind = "move"
+    nonneg = True
+
+    def __init__(self, comp, node, i, axis, start, stop):
+        super().__init__(comp, node, node.input[i], node.output[0])
+        self.axis, self.start, self.stop = axis, start, stop
+
+    def transpose(self, ct, variant="W"):
+        return self.b.slice(ct, [self.start], [self.stop], [self.axis], hint=f"{self.x}::concatT")
+
+
+@backward_rule("Concat")
+def backward_concat(comp, node, rs, cts):
+    axis, sizes, offsets = _concat_offsets(comp, node)
+    out = []
+    for i, name in enumerate(node.input):
+        if comp.view.is_data(name):
+            lin = ConcatPieceMap(comp, node, i, axis, int(offsets[i]), int(offsets[i + 1]))
+            out.append((name, rs.linear(cts[0], lin)))
+    return out
+
+
+# -- Split: one input, several outputs -------------------------------------
+describe("Split", "shape", shift=False, recenter=False, doc="along a non-batch axis")
+
+
+def _split_geometry(comp, node):
+    a = {at.name: at for at in node.attribute}
+    rank = comp.view.rank(node.input[0])
+    axis = (a["axis"].i if "axis" in a else 0) % rank
+    sizes = [comp.view.shape(o)[axis] for o in node.output]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return axis, sizes, offsets
+
+
+@split_rule("Split")
+def split_split(comp, node):
+    axis, sizes, _ = _split_geometry(comp, node)
+    sp = comp.stream(node.input[0])
+    b = comp.b
+    ps = b.split(sp.p, sizes, axis, hint=f"{node.output[0]}::Psplit")
+    ns = b.split(sp.n, sizes, axis, hint=f"{node.output[0]}::Nsplit")
+    for o, p, n in zip(node.output, ps, ns):
+        set_streams(comp, o, p, n, recenter=False)
+
+
+class SplitPieceMap(LinearMap):
+    """Output j of a Split: the adjoint pads piece j back to the full size."""
+    kind = "move"
+    nonneg = True
+
+    def __init__(self, comp, node, j, axis, start, total):
+        super().__init__(comp, node, node.input[0], node.output[j])
+        self.axis, self.start, self.total = axis, start, total
+        self.size = comp.view.shape(node.output[j])[axis]
+
+    def transpose(self, ct, variant="W"):
+        rank = self.comp.view.rank(self.x)
+        pads = [0] * (2 * rank)
+        pads[self.axis] = self.start
+        pads[rank + self.axis] = self.total - self.start - self.size
+        return self.b.op("Pad", [ct, self.b.ints(pads)], mode="constant", hint=f"{self.x}::splitT")
+
+
+@backward_rule("Split")
+def backward_split(comp, node, rs, cts):
+    axis, sizes, offsets = _split_geometry(comp, node)
+    total = int(offsets[-1])
+    out = []
+    for j, ct in enumerate(cts):
+        if ct is not None:
+            lin = SplitPieceMap(comp, node, j, axis, int(offsets[j]), total)
+            out.append((node.input[0], rs.linear(ct, lin)))
+    return out
+

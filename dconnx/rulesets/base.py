@@ -1,0 +1,51 @@
+"""The rule-set interface and what all rule sets share."""
+from __future__ import annotations
+
+from ..compilation import Compilation
+
+
+class RuleSet:
+    """Base class. A cotangent is a tuple of tensor names (`parts`), each stacked
+    `slots` times along the batch axis; the rule set alone knows what they mean."""
+    name = "base"
+    parts = 1
+    slots = 1
+    needs_streams = False   # reads forward stream values (forces the split forward)
+
+    def __init__(self, comp: Compilation):
+        self.comp = comp
+        self.b = comp.b
+
+    # -- what every op rule may call --------------------------------------
+    def seed(self, onehot: str) -> tuple:
+        raise NotImplementedError
+
+    def linear(self, ct: tuple, lin) -> tuple:
+        raise NotImplementedError
+
+    def relu(self, ct: tuple, node) -> tuple:
+        raise NotImplementedError
+
+    def maxpool(self, ct: tuple, win) -> tuple:
+        raise NotImplementedError
+
+    def sum2(self, ct: tuple, node, sign: int) -> tuple[tuple, tuple]:
+        raise NotImplementedError
+
+    def shift(self, ct: tuple, factor: str) -> tuple:
+        """α-shift at a shift point; rule sets without one pass the cotangent on."""
+        return ct
+
+    # -- shared ------------------------------------------------------------
+    def accumulate(self, cts: list[tuple], name: str) -> tuple:
+        """Sum of the contributions that reach one tensor from its consumers."""
+        if len(cts) == 1:
+            return cts[0]
+        return tuple(self.b.op("Sum", [c[i] for c in cts], hint=f"{name}::ct.{self.name}{i}")
+                     for i in range(len(cts[0])))
+
+    def tile(self, name: str) -> str:
+        return self.comp.tiled(name, self.slots)
+
+    def mask(self, node) -> str:
+        return self.tile(self.comp.mask(node.input[0]))

@@ -1,0 +1,133 @@
+"""Backward: ONE generic reverse walk over the canonical graph.
+
+The walk visits the nodes between the requested layers and the explained
+output in reverse topological order, sums the contributions that reach a
+tensor from its consumers, and asks each node's backward rule
+(`dconnx.ops`) what flows to its inputs. What that is — split
+sensitivities, relevance, a plain gradient — is decided by the rule sets
+given to the walk; several rule sets share one walk. The α-shift is applied
+at every shift-point node but the output layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from dconnx.ops import BACKWARD_RULES
+
+from . import Pass, PassResult
+from .split import is_shift_point, node_key
+
+
+def descendants(comp, tensors: set[str]) -> set[str]:
+    live = set(tensors)
+    out = set()
+    for node in comp.model.graph.node:
+        if any(i in live for i in node.input if i):
+            live.update(o for o in node.output if o)
+            out.add(node_key(node))
+    return out
+
+
+def reverse_walk(comp, rulesets, seeds: dict, wanted: set[str]) -> dict:
+    """Cotangents {(ruleset name, tensor): cotangent} at every wanted tensor."""
+    relevant = comp.needed_nodes & descendants(comp, wanted)
+    pending = {rs.name: {comp.explained: [seeds[rs.name]]} for rs in rulesets}
+    done: dict = {}
+
+    def total(rs, tensor):
+        key = (rs.name, tensor)
+        if key not in done:
+            cts = pending[rs.name].get(tensor)
+            done[key] = rs.accumulate(cts, tensor) if cts else None
+        return done[key]
+
+    for node in reversed(list(comp.model.graph.node)):
+        if node_key(node) not in relevant:
+            continue
+        shift = is_shift_point(comp, node) and node_key(node) != comp.output_layer
+        for rs in rulesets:
+            outs = [total(rs, o) if o else None for o in node.output]
+            if all(c is None for c in outs):
+                continue
+            for inp, ct in BACKWARD_RULES[node.op_type](comp, node, rs, outs):
+                if shift:
+                    ct = rs.shift(ct, shift_factor(comp, node))
+                pending[rs.name].setdefault(inp, []).append(ct)
+    result = {}
+    for rs in rulesets:
+        for t in wanted:
+            ct = total(rs, t)
+            if ct is not None:
+                result[(rs.name, t)] = ct
+    return result
+
+
+def shift_factor(comp, node) -> str:
+    """1 − 2α at this node: the global α input, or the per-layer Frobenius α."""
+    if comp.opts.alpha_mode == "frobenius":
+        w = _weight_of(comp, node)
+        if w is not None:
+            def make():
+                norm = float(np.linalg.norm(w.astype(np.float64)))
+                a = max(0.0, (1.0 - 1.0 / norm) / 2.0) if norm > 0 else 0.0
+                return comp.b.scalar(1.0 - 2.0 * a)
+            return comp.cached(("frob", node_key(node)), make)
+    return comp.shift_factor
+
+
+def _weight_of(comp, node):
+    if node.op_type in ("Conv", "Gemm", "MatMul"):
+        return comp.view.const(node.input[1])
+    if node.op_type == "BatchNormalization":
+        v = comp.view
+        gamma, var = v.const(node.input[1]), v.const(node.input[4])
+        return gamma / np.sqrt(var + 1e-5)
+    return None
+
+
+class Backward(Pass):
+    name = "backward"
+
+    def requires(self, comp):
+        if not comp.streams:
+            raise RuntimeError("the backward pass needs the split pass first")
+
+    def run(self, comp) -> PassResult:
+        res = PassResult(self.name)
+        from .heads import plan_heads, rulesets_for
+        plan_heads(comp)
+        _add_run_time_inputs(comp)
+        rulesets = rulesets_for(comp)
+        if not rulesets:
+            return res
+        wanted = {h.tensor for h in comp.heads} | set(comp.exposed_tensors())
+        seeds = {rs.name: rs.seed(comp.seed) for rs in rulesets}
+        comp.cotangents = reverse_walk(comp, rulesets, seeds, wanted)
+        comp.rulesets = {rs.name: rs for rs in rulesets}
+        for rs in rulesets:
+            res.apply(f"rule set {rs.name}")
+        return res
+
+
+def _add_run_time_inputs(comp):
+    """`target` (int64 [n], −1 = argmax) and `alpha` (float scalar), each with a default."""
+    b = comp.b
+    view = comp.view
+    k = view.shape(comp.explained)[1]
+    tname = b.fresh("target")
+    aname = b.fresh("alpha")
+    b.initializers.append(onnx.numpy_helper.from_array(np.asarray([-1], dtype=np.int64), tname))
+    b.initializers.append(onnx.numpy_helper.from_array(np.asarray(comp.opts.alpha, dtype=b.float_dtype), aname))
+    comp.new_inputs.append(onnx.helper.make_tensor_value_info(tname, onnx.TensorProto.INT64, ["target_batch"]))
+    comp.new_inputs.append(onnx.helper.make_tensor_value_info(aname, comp.float_type, []))
+    comp.target_input, comp.alpha_input = tname, aname
+    argmax = b.op("ArgMax", [comp.explained], axis=1, keepdims=0, hint="dc/argmax")
+    use_argmax = b.op("Less", [tname, b.const(np.asarray(0, dtype=np.int64))], hint="dc/target_unset")
+    target = b.op("Where", [use_argmax, argmax, tname], hint="dc/target_resolved")
+    comp.target_resolved = target
+    values = b.const(np.asarray([0.0, 1.0], dtype=b.float_dtype), hint="onehot_values")
+    comp.seed = b.op("OneHot", [target, b.const(np.asarray(k, dtype=np.int64)), values], axis=-1,
+                     hint="dc/seed")
+    comp.shift_factor = b.sub(b.scalar(1.0), b.mul(b.scalar(2.0), aname), hint="dc/one_minus_2alpha")
+

@@ -1,0 +1,480 @@
+"""Canonicalize: rewrite an exported graph into the canonical op set.
+
+Each rewrite has a name; when it cannot apply to a node it says why (in the
+PassResult's `skipped`). The canonical graph is what shift points,
+recentering points and layer indices are counted on, so two exporters of one
+model give the same maps (docs/method.md §1).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from dconnx.errors import InvalidModelError, UnsupportedOpError
+from dconnx.graph import ModelView
+from dconnx.io import MAX_OPSET, MIN_OPSET, validate
+from dconnx.ir import attrs, node_label
+
+from . import Pass, PassResult
+
+
+def _opset(model) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+class _Graph:
+    """Mutable editing helpers over model.graph with fresh-name support."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = model.graph
+        self.view = ModelView(model)
+        self._taken = {n for node in self.g.node for n in list(node.input) + list(node.output)}
+        self._taken |= {t.name for t in self.g.initializer} | {i.name for i in self.g.input}
+        self._taken |= {node.name for node in self.g.node}
+        self._n = 0
+
+    def fresh(self, base: str) -> str:
+        while True:
+            self._n += 1
+            name = f"{base}__c{self._n}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def add_init(self, array: np.ndarray, base: str) -> str:
+        name = self.fresh(base)
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Make every consumer (and graph output) read `new` instead of `old`."""
+        for node in self.g.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        for out in self.g.output:
+            if out.name == old:
+                # keep the graph output's name: rename the producer of `new` instead
+                prod = next((n for n in self.g.node if new in n.output), None)
+                if prod is not None and new not in {i.name for i in self.g.input}:
+                    prod.output[list(prod.output).index(new)] = old
+                    for node in self.g.node:
+                        for i, name in enumerate(node.input):
+                            if name == new:
+                                node.input[i] = old
+                else:
+                    self.g.node.append(helper.make_node("Identity", [new], [old],
+                                                        name=self.fresh("keep_output")))
+
+    def refresh(self):
+        self.view = ModelView(self.model)
+
+
+def _dead_code(model: onnx.ModelProto) -> int:
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    removed = len(g.node) - len(keep)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return removed
+
+
+class Canonicalize(Pass):
+    name = "canonicalize"
+
+    def requires(self, comp):
+        op = _opset(comp.model)
+        if op > MAX_OPSET:
+            raise InvalidModelError(f"opset {op} is newer than the supported {MAX_OPSET}")
+
+    def run(self, comp) -> PassResult:
+        res = PassResult(self.name)
+        model = comp.model
+        if _opset(model) < MIN_OPSET:
+            from onnx import version_converter
+            old = _opset(model)
+            try:
+                model = version_converter.convert_version(model, MIN_OPSET)
+            except Exception as e:
+                raise InvalidModelError(f"cannot upgrade opset {old} to {MIN_OPSET}: {e}") from e
+            res.apply(f"upgrade_opset: {old} -> {MIN_OPSET}")
+        model = validate(model)
+        ed = _Graph(model)
+        for rewrite in (self.constants_to_initializers, self.fold_constants, self.remove_identity,
+                        self.strip_softmax, self.static_reshape, self.flatten_to_reshape,
+                        self.reduce_mean_to_gap, self.div_to_mul, self.gemm_normalize,
+                        self.matmul_add_to_gemm, self.fold_batchnorm, self.clip_to_relu,
+                        self.max_to_relu, self.leaky_to_relu, self.explicit_pads):
+            rewrite(ed, res)
+            ed.refresh()
+        removed = _dead_code(model)
+        if removed:
+            res.apply(f"dead_code: removed {removed} nodes")
+        # fresh value_info: drop what the exporter wrote, infer again
+        del model.graph.value_info[:]
+        model = validate(model)
+        comp.model = model
+        comp.refresh()
+        return res
+
+    def ensures(self, comp):
+        from dconnx.ops import SUPPORTED
+        for node in comp.model.graph.node:
+            if any(i in comp.view.data_tensors for i in node.input) and node.op_type not in SUPPORTED \
+                    and node.op_type not in ("Softmax", "LogSoftmax"):
+                raise AssertionError(f"{node_label(node)} ({node.op_type}) survived canonicalization")
+
+    # -- rewrites ----------------------------------------------------------
+    def constants_to_initializers(self, ed: _Graph, res: PassResult):
+        for node in list(ed.g.node):
+            if node.op_type == "Constant":
+                val = ed.view.const(node.output[0])
+                if val is None:
+                    res.skip(f"constants_to_initializers: {node_label(node)} — sparse or unknown value")
+                    continue
+                ed.g.initializer.append(numpy_helper.from_array(val, node.output[0]))
+                ed.g.node.remove(node)
+                res.apply(f"constants_to_initializers: {node_label(node)}")
+
+    def fold_constants(self, ed: _Graph, res: PassResult):
+        """Evaluate nodes whose inputs are all constants (shape subgraphs of static shapes too)."""
+        from onnx.reference import ReferenceEvaluator
+        view = ed.view
+        known = {t.name for t in ed.g.initializer}
+        for node in list(ed.g.node):
+            ins = [i for i in node.input if i]
+            if node.op_type == "Shape" and ins and view.static_shape(ins[0], allow_batch=False):
+                shape = np.asarray(view.shape(ins[0]), dtype=np.int64)
+                a = attrs(node)
+                shape = shape[a.get("start", 0):a.get("end", len(shape))]
+                ed.g.initializer.append(numpy_helper.from_array(shape, node.output[0]))
+                known.add(node.output[0])
+                ed.g.node.remove(node)
+                res.apply(f"fold_constants: {node_label(node)} (static shape)")
+                continue
+            if not ins or not all(i in known for i in ins) or node.op_type in ("RandomNormal",):
+                continue
+            inits = {t.name: t for t in ed.g.initializer if t.name in ins}
+            sub = helper.make_graph(
+                [node], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in node.output if o],
+                initializer=list(inits.values()))
+            sub_model = helper.make_model(sub, opset_imports=list(ed.model.opset_import),
+                                          ir_version=ed.model.ir_version)
+            try:
+                outs = ReferenceEvaluator(sub_model).run(None, {})
+            except Exception as e:
+                res.skip(f"fold_constants: {node_label(node)} — {type(e).__name__}: {e}")
+                continue
+            for name, val in zip([o for o in node.output if o], outs):
+                ed.g.initializer.append(numpy_helper.from_array(np.asarray(val), name))
+                known.add(name)
+            ed.g.node.remove(node)
+            res.apply(f"fold_constants: {node_label(node)} ({node.op_type})")
+
+    def remove_identity(self, ed: _Graph, res: PassResult):
+        for node in list(ed.g.node):
+            if node.op_type not in ("Identity", "Dropout"):
+                continue
+            if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and \
+                    ed.view.consumers.get(node.output[1]):
+                res.skip(f"remove_identity: {node_label(node)} — its mask output is used")
+                continue
+            src, dst = node.input[0], node.output[0]
+            ed.g.node.remove(node)
+            ed.replace_uses(dst, src)
+            res.apply(f"remove_identity: {node_label(node)} ({node.op_type})")
+
+    def strip_softmax(self, ed: _Graph, res: PassResult):
+        outs = {o.name for o in ed.g.output}
+        for node in ed.g.node:
+            if node.op_type in ("Softmax", "LogSoftmax") and node.output[0] in outs:
+                res.notes.append(f"explaining the logits '{node.input[0]}' that feed "
+                                 f"{node.op_type} '{node_label(node)}' (output '{node.output[0]}')")
+                res.apply(f"strip_softmax: {node_label(node)} kept for its output, not explained")
+
+    def static_reshape(self, ed: _Graph, res: PassResult):
+        """Reshape whose target comes from shape arithmetic: a constant target."""
+        view = ed.view
+        for node in ed.g.node:
+            if node.op_type != "Reshape" or view.const(node.input[1]) is not None:
+                continue
+            x, y = node.input[0], node.output[0]
+            xs, ys = view.shape(x), view.shape(y)
+            if ys is None or xs is None or any(not isinstance(d, int) for d in ys[1:]):
+                res.skip(f"static_reshape: {node_label(node)} — output shape {ys} is not static")
+                continue
+            if not isinstance(ys[0], int) and ys[0] != xs[0]:
+                res.skip(f"static_reshape: {node_label(node)} — batch dim changes")
+                continue
+            node.input[1] = ed.add_init(np.asarray([-1] + ys[1:], dtype=np.int64), f"{y}_shape")
+            _set_attr(node, "allowzero", 0)
+            res.apply(f"static_reshape: {node_label(node)}")
+
+    def flatten_to_reshape(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in ed.g.node:
+            if node.op_type != "Flatten":
+                continue
+            shape = view.shape(node.output[0])
+            shp = ed.add_init(np.asarray([-1, shape[1]], dtype=np.int64), f"{node.output[0]}_shape")
+            _rebuild(node, "Reshape", [node.input[0], shp], {})
+            res.apply(f"flatten_to_reshape: {node_label(node)}")
+
+    def reduce_mean_to_gap(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in list(ed.g.node):
+            if node.op_type != "ReduceMean" or not view.is_data(node.input[0]):
+                continue
+            a = attrs(node)
+            y = node.output[0]
+            if int(a.get("keepdims", 1)):
+                _rebuild(node, "GlobalAveragePool", [node.input[0]], {})
+            else:
+                pooled = ed.fresh(f"{y}_gap")
+                idx = list(ed.g.node).index(node)
+                ed.g.node.insert(idx, helper.make_node("GlobalAveragePool", [node.input[0]], [pooled],
+                                                       name=ed.fresh(f"{node.name}_gap")))
+                shape = ed.add_init(np.asarray([-1] + view.shape(y)[1:], dtype=np.int64), f"{y}_shape")
+                _rebuild(node, "Reshape", [pooled, shape], {})
+            res.apply(f"reduce_mean_to_gap: {node_label(node)}")
+
+    def div_to_mul(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in ed.g.node:
+            if node.op_type == "Div" and view.is_data(node.input[0]):
+                c = view.const(node.input[1])
+                if c is None:
+                    continue
+                node.input[1] = ed.add_init((1.0 / c).astype(c.dtype), f"{node.input[1]}_recip")
+                _rebuild(node, "Mul", list(node.input), {})
+                res.apply(f"div_to_mul: {node_label(node)}")
+
+    def gemm_normalize(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in ed.g.node:
+            if node.op_type != "Gemm":
+                continue
+            a = attrs(node)
+            alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+            if alpha != 1.0:
+                w = view.const(node.input[1])
+                node.input[1] = ed.add_init((w * alpha).astype(w.dtype), f"{node.input[1]}_scaled")
+                _set_attr(node, "alpha", 1.0)
+                res.apply(f"gemm_normalize: {node_label(node)} alpha folded")
+            if beta != 1.0 and len(node.input) > 2 and node.input[2]:
+                c = view.const(node.input[2])
+                node.input[2] = ed.add_init((c * beta).astype(c.dtype), f"{node.input[2]}_scaled")
+                _set_attr(node, "beta", 1.0)
+                res.apply(f"gemm_normalize: {node_label(node)} beta folded")
+
+    def matmul_add_to_gemm(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in list(ed.g.node):
+            if node.op_type != "MatMul" or not view.is_data(node.input[0]):
+                continue
+            if view.rank(node.input[0]) != 2:
+                res.skip(f"matmul_add_to_gemm: {node_label(node)} — input is not 2-D")
+                continue
+            users = view.consumers.get(node.output[0], [])
+            bias = None
+            if len(users) == 1 and users[0].op_type == "Add" and node.output[0] not in view.output_names:
+                add = users[0]
+                other = [i for i in add.input if i != node.output[0]]
+                c = view.const(other[0]) if other else None
+                if c is not None and c.size == view.shape(node.output[0])[1]:
+                    bias = (add, other[0])
+            if bias is None:
+                _rebuild(node, "Gemm", list(node.input), {})
+                res.apply(f"matmul_add_to_gemm: {node_label(node)} (no bias)")
+                continue
+            add, b = bias
+            ed.g.node.remove(add)
+            node.input.append(b)
+            y = add.output[0]
+            node.output[0] = y
+            _rebuild(node, "Gemm", list(node.input), {})
+            res.apply(f"matmul_add_to_gemm: {node_label(node)} + {node_label(add)}")
+
+    def fold_batchnorm(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for bn in list(ed.g.node):
+            if bn.op_type != "BatchNormalization":
+                continue
+            x = bn.input[0]
+            prod = view.producer.get(x)
+            why = None
+            if prod is None or prod.op_type not in ("Conv", "Gemm"):
+                why = "not preceded by a Conv or Gemm"
+            elif len(view.consumers.get(x, [])) != 1 or x in view.output_names:
+                why = "the Conv/Gemm output has other uses"
+            if why is None and any(view.const(i) is None for i in prod.input[1:] if i):
+                why = "the Conv/Gemm parameters are not constants"
+            if why is None and any(view.const(i) is None for i in bn.input[1:5]):
+                why = "the BatchNormalization parameters are not constants"
+            if why:
+                res.skip(f"fold_batchnorm: {node_label(bn)} — {why}")
+                continue
+            gamma, beta, mean, var = (view.const(i).astype(np.float64) for i in bn.input[1:5])
+            eps = float(attrs(bn).get("epsilon", 1e-5))
+            s = gamma / np.sqrt(var + eps)
+            w = view.const(prod.input[1])
+            dt = w.dtype
+            w64 = w.astype(np.float64)
+            has_b = len(prod.input) > 2 and prod.input[2]
+            b = view.const(prod.input[2]).astype(np.float64) if has_b else np.zeros(len(s))
+            if prod.op_type == "Conv":
+                w_new = w64 * s.reshape([-1] + [1] * (w.ndim - 1))
+            elif int(attrs(prod).get("transB", 0)):
+                w_new = w64 * s[:, None]
+            else:
+                w_new = w64 * s[None, :]
+            b_new = (b.reshape(-1) - mean) * s + beta
+            wname = ed.add_init(w_new.astype(dt), f"{prod.input[1]}_bnfold")
+            bname = ed.add_init(b_new.astype(dt), f"{bn.output[0]}_bnfold_bias")
+            prod.input[1] = wname
+            if has_b:
+                prod.input[2] = bname
+            else:
+                if len(prod.input) < 3:
+                    prod.input.append(bname)
+                else:
+                    prod.input[2] = bname
+            ed.g.node.remove(bn)
+            prod.output[0] = bn.output[0]
+            res.apply(f"fold_batchnorm: {node_label(bn)} into {node_label(prod)}")
+
+    def clip_to_relu(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in list(ed.g.node):
+            if node.op_type != "Clip" or not view.is_data(node.input[0]):
+                continue
+            a = attrs(node)
+            lo = a.get("min")
+            hi = a.get("max")
+            if len(node.input) > 1 and node.input[1]:
+                lo = float(view.const(node.input[1]))
+            if len(node.input) > 2 and node.input[2]:
+                hi = float(view.const(node.input[2]))
+            x, y = node.input[0], node.output[0]
+            dtype = ed.view.dtypes.get(x, 1)
+            npdt = helper.tensor_dtype_to_np_dtype(dtype)
+            new = []
+            if lo is None or not np.isfinite(lo):
+                raise UnsupportedOpError([(node_label(node), "Clip",
+                                           "a Clip without a lower bound is not a ReLU form")])
+            base = x
+            if lo != 0.0:
+                base = ed.fresh(f"{y}_shift")
+                new.append(helper.make_node("Sub", [x, ed.add_init(np.asarray(lo, npdt), f"{y}_lo")],
+                                            [base], name=ed.fresh(f"{node.name}_sublo")))
+            r1 = ed.fresh(f"{y}_relu_lo") if (hi is not None or lo != 0.0) else y
+            new.append(helper.make_node("Relu", [base], [r1], name=ed.fresh(f"{node.name}_relu")))
+            last = r1
+            if hi is not None and np.isfinite(hi):
+                xs = ed.fresh(f"{y}_shift_hi")
+                new.append(helper.make_node("Sub", [x, ed.add_init(np.asarray(hi, npdt), f"{y}_hi")],
+                                            [xs], name=ed.fresh(f"{node.name}_subhi")))
+                r2 = ed.fresh(f"{y}_relu_hi")
+                new.append(helper.make_node("Relu", [xs], [r2], name=ed.fresh(f"{node.name}_relu_hi")))
+                out = ed.fresh(f"{y}_diff") if lo != 0.0 else y
+                new.append(helper.make_node("Sub", [r1, r2], [out], name=ed.fresh(f"{node.name}_diff")))
+                last = out
+            if lo != 0.0:
+                new.append(helper.make_node("Add", [last, ed.add_init(np.asarray(lo, npdt), f"{y}_lo2")],
+                                            [y], name=ed.fresh(f"{node.name}_addlo")))
+            _splice(ed, node, new)
+            res.apply(f"clip_to_relu: {node_label(node)} (min={lo}, max={hi})")
+
+    def max_to_relu(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in ed.g.node:
+            if node.op_type == "Max" and len(node.input) == 2:
+                data = [i for i in node.input if view.is_data(i)]
+                if len(data) == 1:
+                    _rebuild(node, "Relu", data, {})
+                    res.apply(f"max_to_relu: {node_label(node)}")
+
+    def leaky_to_relu(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in list(ed.g.node):
+            if node.op_type not in ("LeakyRelu", "PRelu") or not view.is_data(node.input[0]):
+                continue
+            x, y = node.input[0], node.output[0]
+            npdt = helper.tensor_dtype_to_np_dtype(view.dtypes.get(x, 1))
+            if node.op_type == "LeakyRelu":
+                slope = np.asarray(float(attrs(node).get("alpha", 0.01)), npdt)
+            else:
+                slope = view.const(node.input[1]).astype(npdt)
+            r, lin_part, rel_part = ed.fresh(f"{y}_relu"), ed.fresh(f"{y}_lin"), ed.fresh(f"{y}_rel")
+            new = [
+                helper.make_node("Relu", [x], [r], name=ed.fresh(f"{node.name}_relu")),
+                helper.make_node("Mul", [x, ed.add_init(slope, f"{y}_slope")], [lin_part],
+                                 name=ed.fresh(f"{node.name}_lin")),
+                helper.make_node("Mul", [r, ed.add_init((1 - slope).astype(npdt), f"{y}_oneminus")],
+                                 [rel_part], name=ed.fresh(f"{node.name}_rel")),
+                helper.make_node("Add", [lin_part, rel_part], [y], name=ed.fresh(f"{node.name}_sum")),
+            ]
+            _splice(ed, node, new)
+            res.apply(f"leaky_to_relu: {node_label(node)}")
+
+    def explicit_pads(self, ed: _Graph, res: PassResult):
+        view = ed.view
+        for node in ed.g.node:
+            if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+                continue
+            a = attrs(node)
+            mode = a.get("auto_pad", "NOTSET")
+            if mode in ("NOTSET", ""):
+                continue
+            xs = view.shape(node.input[0])
+            k = a.get("kernel_shape") or view.shape(node.input[1])[2:]
+            nd = len(k)
+            s = a.get("strides", [1] * nd)
+            d = a.get("dilations", [1] * nd)
+            pads = [0] * (2 * nd)
+            if mode != "VALID":
+                for i in range(nd):
+                    size = xs[2 + i]
+                    out = -(-size // s[i])
+                    total = max(0, (out - 1) * s[i] + d[i] * (k[i] - 1) + 1 - size)
+                    small, big = total // 2, total - total // 2
+                    pads[i], pads[nd + i] = (small, big) if mode == "SAME_UPPER" else (big, small)
+            _set_attr(node, "auto_pad", "NOTSET")
+            _set_attr(node, "pads", pads)
+            res.apply(f"explicit_pads: {node_label(node)} ({mode})")
+
+
+def _set_attr(node, name, value):
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _rebuild(node, op_type, inputs, attributes):
+    node.op_type = op_type
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.attribute[:]
+    for k, v in attributes.items():
+        node.attribute.append(helper.make_attribute(k, v))
+
+
+def _splice(ed: _Graph, node, new_nodes):
+    idx = list(ed.g.node).index(node)
+    ed.g.node.remove(node)
+    for j, n in enumerate(new_nodes):
+        ed.g.node.insert(idx + j, n)

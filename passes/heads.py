@@ -1,0 +1,159 @@
+"""Heads: turn cotangents and streams at a layer into attribution maps.
+
+SplitGrad, SplitCAM and SplitLRP as defined in docs/method.md §4, summed over
+channels to [batch, h, w], upsampled (bilinear, half-pixel centres) to the
+input's spatial size, optionally normalized per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from dconnx.compilation import SPLIT_METHODS
+from dconnx.errors import OptionError
+from dconnx.layers import resolve_layer
+from dconnx.rulesets import SplitLRP, SplitSensitivities
+
+from . import Pass, PassResult
+
+METHODS = {
+    "splitgrad": "Σ_c (δpp + δnn): the stabilized split-stream sensitivities",
+    "splitcam": "ReLU(Σ_c ReLU(δpp + δnn) ⊙ (p + n)): LayerCAM on the split streams",
+    "splitlrp": "ε-LRP through the stream graph: g-relevance minus h-relevance",
+}
+
+
+@dataclass
+class Head:
+    method: str
+    tensor: str       # canonical tensor of the layer
+    layer: str        # how the layer was given, resolved, in words
+    output: str = ""  # output name in the converted model
+
+
+def parse_methods(methods) -> tuple[str, ...]:
+    if isinstance(methods, str):
+        methods = [m for m in methods.split(",")]
+    out = []
+    for m in methods:
+        m = m.strip().lower()
+        if not m:
+            continue
+        if m not in METHODS:
+            raise OptionError(f"unknown method '{m}'; known: {', '.join(METHODS)}")
+        if m not in out:
+            out.append(m)
+    return tuple(out)
+
+
+def plan_heads(comp) -> None:
+    tensor, desc = resolve_layer(comp.view, comp.input_name, comp.opts.layer)
+    comp.heads = [Head(m, tensor, desc) for m in parse_methods(comp.opts.methods)]
+
+
+def split_layout(comp) -> str:
+    if comp.opts.relu_backward == "standard" and not comp.opts.expose:
+        return "grad"
+    return "full"
+
+
+def rulesets_for(comp):
+    methods = {h.method for h in comp.heads}
+    out = []
+    if methods & {"splitgrad", "splitcam"} or comp.opts.expose:
+        out.append(SplitSensitivities(comp, split_layout(comp)))
+    if "splitlrp" in methods:
+        out.append(SplitLRP(comp))
+    return out
+
+
+class Heads(Pass):
+    name = "heads"
+
+    def run(self, comp) -> PassResult:
+        res = PassResult(self.name)
+        b = comp.b
+        in_shape = comp.view.shape(comp.input_name)
+        for head in comp.heads:
+            m = self.channel_map(comp, head)
+            m = self.to_input_size(comp, m, in_shape, head)
+            m = self.normalize(comp, m, len(in_shape) - 2)
+            head.output = b.fresh(head.method)
+            b.op("Identity", [m], out=head.output, hint=f"dc/{head.method}")
+            comp.new_outputs.append(onnx.helper.make_tensor_value_info(
+                head.output, comp.float_type, [in_shape[0]] + list(in_shape[2:])))
+            res.apply(f"{head.method} at {head.layer}")
+        for t in comp.opts.expose:
+            self.expose(comp, t)
+        return res
+
+    def channel_map(self, comp, head: Head) -> str:
+        b = comp.b
+        if head.method in ("splitgrad", "splitcam"):
+            rs = comp.rulesets["split"]
+            sens = rs.splitgrad_sens(comp.cotangents[("split", head.tensor)])
+            if head.method == "splitgrad":
+                return b.reduce_sum(sens, [1], keepdims=0, hint="dc/splitgrad_sum")
+            weighted = b.mul(b.relu(sens), comp.stream_sum(head.tensor))
+            return b.relu(b.reduce_sum(weighted, [1], keepdims=0), hint="dc/splitcam_sum")
+        if head.method == "splitlrp":
+            rs = comp.rulesets["splitlrp"]
+            rel = rs.map_at(comp.cotangents[("splitlrp", head.tensor)])
+            return b.reduce_sum(rel, [1], keepdims=0, hint="dc/splitlrp_sum")
+        raise OptionError(f"no head for method '{head.method}'")
+
+    def to_input_size(self, comp, m: str, in_shape, head: Head) -> str:
+        b = comp.b
+        spatial = list(in_shape[2:])
+        rank_needed = 1 + len(spatial)
+        s = comp.view.shape(head.tensor)
+        shape = [s[0]] + list(s[2:])
+        if len(shape) != rank_needed:
+            raise OptionError(f"the layer has no spatial axes like the input's {spatial}; "
+                              "choose a convolutional layer")
+        if list(shape[1:]) == spatial or not comp.opts.upsample:
+            return m
+        x4 = b.unsqueeze(m, [1])
+        sizes = b.concat([b.shape_of(x4, 0, 2), b.ints(spatial)], axis=0)
+        up = b.op("Resize", [x4, "", "", sizes], mode="linear",
+                  coordinate_transformation_mode="half_pixel", hint="dc/upsample")
+        return b.squeeze(up, [1])
+
+    def normalize(self, comp, m: str, n_spatial: int) -> str:
+        b = comp.b
+        mode = comp.opts.normalize
+        if mode == "none":
+            return m
+        tiny = b.scalar(np.finfo(b.float_dtype).tiny)
+        axes = list(range(1, 1 + n_spatial))
+        if mode == "max":
+            scale = b.reduce("ReduceMax", b.abs(m), axes, keepdims=1)
+            return b.div(m, b.add(scale, tiny), hint="dc/normalized")
+        lo = b.reduce("ReduceMin", m, axes, keepdims=1)
+        hi = b.reduce("ReduceMax", m, axes, keepdims=1)
+        return b.div(b.sub(m, lo), b.add(b.sub(hi, lo), tiny), hint="dc/normalized")
+
+    def expose(self, comp, t: str) -> None:
+        """Streams and the four sensitivities of tensor t as extra outputs (for tests)."""
+        b = comp.b
+        shape = comp.view.shape(t)
+        sp = comp.stream(t)
+        items = [("p", sp.p), ("n", sp.n)]
+        ct = comp.cotangents.get(("split", t))
+        if ct is not None:
+            items += list(zip(("dpp", "dnp", "dpn", "dnn"), comp.rulesets["split"].four(ct)))
+        ct = comp.cotangents.get(("splitlrp", t))
+        if ct is not None:
+            B = comp.batch_size()
+            for part, name in zip(ct, ("Rp", "Rn")):
+                g, h = b.op("Split", [part, b.concat([B, B], 0)], out=2, axis=0)
+                items += [(f"g{name}", g), (f"h{name}", h)]
+        for suffix, tensor in items:
+            out = b.fresh(f"{t}::{suffix}")
+            b.op("Identity", [tensor], out=out)
+            comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, comp.float_type, shape))
+
+
+__all__ = ["Heads", "Head", "METHODS", "SPLIT_METHODS", "parse_methods", "plan_heads"]

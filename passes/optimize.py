@@ -1,0 +1,107 @@
+"""Optimize: assemble the converted model and remove what no output needs.
+
+The generated graph is emitted eagerly by the rules (every stream, every
+weight variant); this pass keeps only the nodes and initializers that reach
+an output, records the conversion in the model's metadata, and sets the
+opset and IR version the pinned onnxruntime accepts.
+"""
+from __future__ import annotations
+
+import json
+
+import onnx
+from onnx import helper
+
+from dconnx.io import MAX_IR_VERSION, validate
+
+from . import Pass, PassResult
+
+MIN_IR_FOR_OPSET17 = 8
+
+
+def assemble(comp) -> onnx.ModelProto:
+    """The canonical model plus everything the builder added (inputs, outputs, nodes)."""
+    src = comp.model
+    g = src.graph
+    b = comp.b
+    graph = helper.make_graph(
+        list(g.node) + b.nodes,
+        g.name or "dconnx",
+        list(g.input) + comp.new_inputs,
+        list(g.output) + comp.new_outputs,
+        initializer=list(g.initializer) + b.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=list(src.opset_import),
+                              producer_name="dconnx", producer_version=_version())
+    model.ir_version = min(max(src.ir_version, MIN_IR_FOR_OPSET17), MAX_IR_VERSION)
+    for p in src.metadata_props:
+        model.metadata_props.add(key=p.key, value=p.value)
+    return model
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("dconnx")
+    except Exception:
+        return "0"
+
+
+def prune(model: onnx.ModelProto) -> int:
+    """Drop nodes and initializers no graph output depends on; returns how many nodes went."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    removed = len(g.node) - len(keep)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    graph_inputs = [i for i in g.input if i.name in needed]
+    del g.input[:]
+    g.input.extend(graph_inputs)
+    # a MaxPool Indices output nobody reads would still be computed: drop it
+    for node in g.node:
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] not in needed:
+            del node.output[1:]
+    return removed
+
+
+def metadata(comp) -> dict:
+    o = comp.opts
+    return {
+        "dconnx.version": _version(),
+        "dconnx.input": comp.input_name,
+        "dconnx.explained": comp.explained,
+        "dconnx.methods": json.dumps([{"method": h.method, "output": h.output, "layer": h.layer,
+                                       "tensor": h.tensor} for h in comp.heads]),
+        "dconnx.options": json.dumps({
+            "alpha_default": o.alpha, "alpha_mode": o.alpha_mode, "maxpool": o.maxpool,
+            "stabilize": o.stabilize, "relu_backward": o.relu_backward, "ties": o.ties,
+            "lrp_epsilon": o.lrp_epsilon, "normalize": o.normalize, "linear_form": o.linear_form,
+            "share_forward": o.share_forward}),
+        "dconnx.target_input": comp.target_input,
+        "dconnx.alpha_input": comp.alpha_input,
+    }
+
+
+class Optimize(Pass):
+    name = "optimize"
+
+    def run(self, comp) -> PassResult:
+        res = PassResult(self.name)
+        model = assemble(comp)
+        removed = prune(model)
+        res.apply(f"prune: removed {removed} unused nodes")
+        for k, v in metadata(comp).items():
+            model.metadata_props.add(key=k, value=v)
+        if comp.opts.check:
+            validate(model)
+        comp.result = model
+        return res

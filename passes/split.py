@@ -1,0 +1,111 @@
+"""Split: the forward DC split of the canonical graph (docs/method.md §2).
+
+Every data tensor on the way to the explained output gets its stream pair;
+the converted model gains the outputs `g` and `h` (g − h = the logits).
+"""
+from __future__ import annotations
+
+import onnx
+
+from dconnx.compilation import StreamPair
+from dconnx.errors import OptionError
+from dconnx.ir import node_label
+from dconnx.ops import SPLIT_RULES, SUPPORTED
+
+from . import Pass, PassResult
+
+
+def is_shift_point(comp, node: onnx.NodeProto) -> bool:
+    info = SUPPORTED.get(node.op_type)
+    if info is None:
+        return False
+    if info.shift == "two-data":
+        return sum(1 for i in node.input if i and comp.view.is_data(i)) == 2
+    return bool(info.shift)
+
+
+def ancestors(comp, tensor: str) -> set[str]:
+    """Names of the nodes that `tensor` depends on."""
+    seen, stack = set(), [tensor]
+    out = set()
+    while stack:
+        t = stack.pop()
+        node = comp.view.producer.get(t)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.add(node.name or node.output[0])
+        stack.extend(i for i in node.input if i)
+    return out
+
+
+def node_key(node) -> str:
+    return node.name or node.output[0]
+
+
+def choose_explained(comp) -> str:
+    view = comp.view
+    outs = view.output_names
+    name = comp.opts.output or outs[0]
+    if name not in outs:
+        raise OptionError(f"'{name}' is not an output of the model (outputs: {', '.join(outs)})")
+    prod = view.producer.get(name)
+    if prod is not None and prod.op_type in ("Softmax", "LogSoftmax"):
+        comp.notes.append(f"explaining the logits '{prod.input[0]}' (input of {prod.op_type} "
+                          f"'{node_label(prod)}'), not the probabilities '{name}'")
+        name = prod.input[0]
+    shape = view.shape(name)
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        raise OptionError(f"the explained output '{name}' must have shape [batch, classes]; it has {shape}")
+    return name
+
+
+def find_output_layer(comp) -> str | None:
+    """The last shift-point node before the explained output (its shift is skipped)."""
+    t = comp.explained
+    while True:
+        node = comp.view.producer.get(t)
+        if node is None:
+            return None
+        if is_shift_point(comp, node):
+            return node_key(node)
+        data = [i for i in node.input if i and comp.view.is_data(i)]
+        if len(data) != 1:
+            return None
+        t = data[0]
+
+
+class Split(Pass):
+    name = "split"
+
+    def requires(self, comp):
+        inputs = comp.view.data_inputs
+        if len(inputs) != 1:
+            raise OptionError(f"dconnx explains models with one data input; this one has "
+                              f"{len(inputs)} ({', '.join(i.name for i in inputs)})")
+
+    def run(self, comp) -> PassResult:
+        res = PassResult(self.name)
+        view, b = comp.view, comp.b
+        x = view.data_inputs[0].name
+        comp.input_name = x
+        comp.explained = choose_explained(comp)
+        comp.output_layer = find_output_layer(comp)
+        comp.needed_nodes = ancestors(comp, comp.explained)
+        comp.streams[x] = StreamPair(b.relu(x, hint=f"{x}::p"), b.relu(b.neg(x), hint=f"{x}::n"))
+        for node in comp.model.graph.node:
+            if node_key(node) not in comp.needed_nodes:
+                continue
+            if not any(i and view.is_data(i) for i in node.input):
+                continue
+            SPLIT_RULES[node.op_type](comp, node)
+            res.apply(f"{node.op_type} {node_label(node)}")
+        sp = comp.stream(comp.explained)
+        ftype = comp.float_type
+        shape = view.shape(comp.explained)
+        for stream, name in ((sp.p, "g"), (sp.n, "h")):
+            out = b.fresh(name)
+            b.op("Identity", [stream], out=out, hint=f"dc/{name}")
+            comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, ftype, shape))
+        res.notes.append(f"explaining '{comp.explained}'; output layer: {comp.output_layer}")
+        return res

@@ -33,6 +33,8 @@ class Options:
     output: str | None = None          # which graph output to explain (default: the first)
     expose: tuple[str, ...] = ()       # tensors whose streams/sensitivities become outputs (tests)
     check: bool = True                 # run checker + strict shape inference on the result
+    mean: tuple | None = None          # input normalization recorded for `dconnx explain`
+    std: tuple | None = None
 
     _CHOICES = {
         "alpha_mode": ("constant", "frobenius"),

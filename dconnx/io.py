@@ -96,6 +96,39 @@ def validate(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
+def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    """Fresh shape inference without copying big weights: initializers larger than a
+    shape tensor are stood in for by typed graph inputs. Returns the model with its
+    value_info replaced by the inferred one."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    names = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= 64:
+            g.initializer.append(t)
+        elif t.name not in names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = shape_inference.infer_shapes(light, check_type=True, strict_mode=strict, data_prop=True)
+    except Exception as e:
+        raise InvalidModelError(f"shape inference failed: {_first_line(e)}") from e
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    outs = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in outs:
+            o.CopyFrom(outs[o.name])
+    return model
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -61,9 +61,17 @@ class GraphBuilder:
         self.opset = 17
 
     # -- names -------------------------------------------------------------
-    def fresh(self, hint: str) -> str:
-        """A name not used anywhere in the model, derived from `hint`."""
-        base = _SAFE.sub("_", hint) or "t"
+    def fresh(self, hint: str, exact: bool = False) -> str:
+        """A name not used anywhere in the model, derived from `hint`.
+
+        Generated names live under the builder's prefix ("dc/..."); `exact` keeps the
+        hint as the preferred name (outputs and inputs of the converted model)."""
+        if exact:
+            base = hint or "t"
+        else:
+            base = _SAFE.sub("_", hint) or "t"
+            if not base.startswith(self.prefix + "/"):
+                base = f"{self.prefix}/{base}"
         if base not in self._taken:
             self._taken.add(base)
             return base

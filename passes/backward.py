@@ -97,10 +97,10 @@ class Backward(Pass):
         res = PassResult(self.name)
         from .heads import plan_heads, rulesets_for
         plan_heads(comp)
-        _add_run_time_inputs(comp)
         rulesets = rulesets_for(comp)
         if not rulesets:
             return res
+        _add_run_time_inputs(comp)
         wanted = {h.tensor for h in comp.heads} | set(comp.exposed_tensors())
         seeds = {rs.name: rs.seed(comp.seed) for rs in rulesets}
         comp.cotangents = reverse_walk(comp, rulesets, seeds, wanted)
@@ -115,8 +115,8 @@ def _add_run_time_inputs(comp):
     b = comp.b
     view = comp.view
     k = view.shape(comp.explained)[1]
-    tname = b.fresh("target")
-    aname = b.fresh("alpha")
+    tname = b.fresh("target", exact=True)
+    aname = b.fresh("alpha", exact=True)
     b.initializers.append(onnx.numpy_helper.from_array(np.asarray([-1], dtype=np.int64), tname))
     b.initializers.append(onnx.numpy_helper.from_array(np.asarray(comp.opts.alpha, dtype=b.float_dtype), aname))
     comp.new_inputs.append(onnx.helper.make_tensor_value_info(tname, onnx.TensorProto.INT64, ["target_batch"]))

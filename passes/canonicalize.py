@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from dconnx.errors import InvalidModelError, UnsupportedOpError
 from dconnx.graph import ModelView
-from dconnx.io import MAX_OPSET, MIN_OPSET, validate
+from dconnx.io import MAX_OPSET, MIN_OPSET, infer_shapes
 from dconnx.ir import attrs, node_label
 
 from . import Pass, PassResult
@@ -72,6 +72,7 @@ class _Graph:
                                                         name=self.fresh("keep_output")))
 
     def refresh(self):
+        infer_shapes(self.model)
         self.view = ModelView(self.model)
 
 
@@ -111,7 +112,6 @@ class Canonicalize(Pass):
             except Exception as e:
                 raise InvalidModelError(f"cannot upgrade opset {old} to {MIN_OPSET}: {e}") from e
             res.apply(f"upgrade_opset: {old} -> {MIN_OPSET}")
-        model = validate(model)
         ed = _Graph(model)
         for rewrite in (self.constants_to_initializers, self.fold_constants, self.remove_identity,
                         self.strip_softmax, self.static_reshape, self.flatten_to_reshape,
@@ -123,11 +123,11 @@ class Canonicalize(Pass):
         removed = _dead_code(model)
         if removed:
             res.apply(f"dead_code: removed {removed} nodes")
-        # fresh value_info: drop what the exporter wrote, infer again
-        del model.graph.value_info[:]
-        model = validate(model)
+        infer_shapes(model)   # fresh value_info: what the exporter wrote may be stale
         comp.model = model
         comp.refresh()
+        from .preflight import check_final
+        check_final(comp)
         return res
 
     def ensures(self, comp):
@@ -213,6 +213,15 @@ class Canonicalize(Pass):
                 continue
             x, y = node.input[0], node.output[0]
             xs, ys = view.shape(x), view.shape(y)
+            if ys is not None and xs is not None and ys[0] == xs[0] and \
+                    all(isinstance(d, int) for d in xs[1:]):
+                unknown = [i for i, d in enumerate(ys[1:], 1) if not isinstance(d, int)]
+                if len(unknown) == 1:   # the one free dim follows from the element count
+                    known = int(np.prod([d for d in ys[1:] if isinstance(d, int)]))
+                    total = int(np.prod(xs[1:]))
+                    if known and total % known == 0:
+                        ys = list(ys)
+                        ys[unknown[0]] = total // known
             if ys is None or xs is None or any(not isinstance(d, int) for d in ys[1:]):
                 res.skip(f"static_reshape: {node_label(node)} — output shape {ys} is not static")
                 continue

@@ -80,7 +80,7 @@ class Heads(Pass):
             m = self.channel_map(comp, head)
             m = self.to_input_size(comp, m, in_shape, head)
             m = self.normalize(comp, m, len(in_shape) - 2)
-            head.output = b.fresh(head.method)
+            head.output = b.fresh(head.method, exact=True)
             b.op("Identity", [m], out=head.output, hint=f"dc/{head.method}")
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(
                 head.output, comp.float_type, [in_shape[0]] + list(in_shape[2:])))
@@ -151,7 +151,7 @@ class Heads(Pass):
                 g, h = b.op("Split", [part, b.concat([B, B], 0)], out=2, axis=0)
                 items += [(f"g{name}", g), (f"h{name}", h)]
         for suffix, tensor in items:
-            out = b.fresh(f"{t}::{suffix}")
+            out = b.fresh(f"{t}::{suffix}", exact=True)
             b.op("Identity", [tensor], out=out)
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, comp.float_type, shape))
 

@@ -47,10 +47,11 @@ def _version() -> str:
         return "0"
 
 
-def prune(model: onnx.ModelProto) -> int:
-    """Drop nodes and initializers no graph output depends on; returns how many nodes went."""
+def prune(model: onnx.ModelProto, keep_inputs=()) -> int:
+    """Drop nodes and initializers no graph output depends on; returns how many nodes went.
+    `keep_inputs` stay in the interface even when unused (the target/alpha contract)."""
     g = model.graph
-    needed = {o.name for o in g.output}
+    needed = {o.name for o in g.output} | set(keep_inputs)
     keep = []
     for node in reversed(list(g.node)):
         if any(o in needed for o in node.output if o):
@@ -86,6 +87,8 @@ def metadata(comp) -> dict:
             "stabilize": o.stabilize, "relu_backward": o.relu_backward, "ties": o.ties,
             "lrp_epsilon": o.lrp_epsilon, "normalize": o.normalize, "linear_form": o.linear_form,
             "share_forward": o.share_forward}),
+        "dconnx.preprocess": json.dumps({"mean": list(o.mean) if o.mean else None,
+                                         "std": list(o.std) if o.std else None}),
         "dconnx.target_input": comp.target_input,
         "dconnx.alpha_input": comp.alpha_input,
     }
@@ -97,7 +100,7 @@ class Optimize(Pass):
     def run(self, comp) -> PassResult:
         res = PassResult(self.name)
         model = assemble(comp)
-        removed = prune(model)
+        removed = prune(model, [n for n in (comp.target_input, comp.alpha_input) if n])
         res.apply(f"prune: removed {removed} unused nodes")
         for k, v in metadata(comp).items():
             model.metadata_props.add(key=k, value=v)

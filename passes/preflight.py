@@ -22,8 +22,11 @@ SHAPE_OPS = {"Shape", "Gather", "Cast", "Concat", "Unsqueeze", "Squeeze", "Slice
              "Transpose", "Tile", "Split", "Not", "Greater", "Less", "GatherElements", "Sqrt"}
 
 
-def _reason(view: ModelView, node: onnx.NodeProto) -> str | None:
-    """Why this node cannot be converted, or None when it can."""
+def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str | None:
+    """Why this node cannot be converted, or None when it can.
+
+    Before canonicalization (`final=False`) constants computed by foldable
+    subgraphs are not known yet, so checks that need them wait for `final`."""
     op = node.op_type
     data_in = [i for i in node.input if i and view.is_data(i)]
     data_out = [o for o in node.output if o and o in view.data_tensors]
@@ -62,7 +65,8 @@ def _reason(view: ModelView, node: onnx.NodeProto) -> str | None:
             return "training-mode BatchNormalization"
     if op == "Max":
         consts = [view.const(i) for i in node.input if not view.is_data(i)]
-        if len(node.input) != 2 or not consts or consts[0] is None or np.any(consts[0] != 0):
+        if len(node.input) != 2 or not consts or (final and consts[0] is None) or \
+                (consts[0] is not None and np.any(consts[0] != 0)):
             return "only Max(x, 0) (a Relu) is supported"
     if op == "Clip":
         for i in node.input[1:]:
@@ -75,11 +79,11 @@ def _reason(view: ModelView, node: onnx.NodeProto) -> str | None:
             return f"pad mode '{a.get('mode')}' is not supported (constant 0 only)"
         if len(node.input) > 2 and node.input[2]:
             v = view.const(node.input[2])
-            if v is None or np.any(v != 0):
+            if (v is None and final) or (v is not None and np.any(v != 0)):
                 return "only zero padding is supported"
     if op == "Slice" and len(node.input) > 4 and node.input[4]:
         steps = view.const(node.input[4])
-        if steps is None or np.any(steps != 1):
+        if (steps is None and final) or (steps is not None and np.any(steps != 1)):
             return "only unit steps are supported"
     if op == "Transpose" and list(a.get("perm", [0]))[:1] != [0]:
         return "the permutation moves the batch axis"
@@ -101,8 +105,11 @@ def _reason(view: ModelView, node: onnx.NodeProto) -> str | None:
             c = view.const(node.input[1])
             axes = None if c is None else list(c)
         rank = view.rank(node.input[0])
-        if axes is None or rank is None or sorted(int(x) % rank for x in axes) != list(range(2, rank)):
+        if (axes is not None or final) and (axes is None or rank is None or
+                                             sorted(int(x) % rank for x in axes) != list(range(2, rank))):
             return "only a mean over all spatial axes (a global average pool) is supported"
+    if not final:
+        return None
     for o in data_out:
         shape = view.shape(o)
         if shape is None:
@@ -114,6 +121,17 @@ def _reason(view: ModelView, node: onnx.NodeProto) -> str | None:
 
 def _foldable(view: ModelView, name: str) -> bool:
     return name not in view.data_tensors
+
+
+def check_final(comp) -> None:
+    """The attribute- and shape-level checks, on the canonical graph (constants folded)."""
+    problems = []
+    for node in comp.model.graph.node:
+        why = _reason(comp.view, node, final=True)
+        if why:
+            problems.append((node_label(node), node.op_type, why))
+    if problems:
+        raise UnsupportedOpError(problems)
 
 
 class Preflight(Pass):

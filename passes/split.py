@@ -104,7 +104,7 @@ class Split(Pass):
         ftype = comp.float_type
         shape = view.shape(comp.explained)
         for stream, name in ((sp.p, "g"), (sp.n, "h")):
-            out = b.fresh(name)
+            out = b.fresh(name, exact=True)
             b.op("Identity", [stream], out=out, hint=f"dc/{name}")
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, ftype, shape))
         res.notes.append(f"explaining '{comp.explained}'; output layer: {comp.output_layer}")

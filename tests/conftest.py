@@ -34,3 +34,13 @@ def zoo_model(zoo_dir):
         return zoo.exported(name, exporter, zoo_dir, seed=seed)
 
     return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the zoo timing table recorded by tests/test_zoo.py (record_property "zoo_timing")."""
+    rows = [value for report in terminalreporter.stats.get("passed", [])
+            for key, value in getattr(report, "user_properties", ()) if key == "zoo_timing"]
+    if rows:
+        terminalreporter.write_sep("-", "zoo timings (s): export | ORT load | torch+ORT run | op types")
+        for row in rows:
+            terminalreporter.write_line(row)

@@ -162,7 +162,8 @@ class AveragePoolMap(LinearMap):
             else:
                 ones = np.ones(w.in_sp)
                 count = _numpy_window_sum(ones, w)
-            return self.b.const((1.0 / count).reshape([1, 1] + w.out_sp), hint=f"{self.y}::invcount")
+            inv = (1.0 / count).reshape([1, 1] + w.out_sp).astype(self.b.float_dtype)
+            return self.b.const(inv, hint=f"{self.y}::invcount")
         return self.comp.cached(("invcount", self.y), make)
 
     def apply(self, x, variant="W"):

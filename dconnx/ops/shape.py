@@ -64,12 +64,10 @@ class PadMap(MoveMap):
         axes = list(range(rank))
         if len(self.node.input) > 3 and self.node.input[3]:
             axes = [int(a) % rank for a in self.comp.view.const(self.node.input[3])]
-        n = len(axes)
-        starts = [pads[i] for i in range(n)]
-        ends = [pads[i] + self.in_shape[axes[i]] for i in range(n)]
-        keep = [i for i in range(n) if axes[i] != 0]
-        return self.b.slice(ct, [starts[i] for i in keep], [ends[i] for i in keep],
-                            [axes[i] for i in keep], hint=f"{self.x}::padT")
+        keep = [i for i, a in enumerate(axes) if a != 0]   # the batch axis is never padded
+        starts = [pads[i] for i in keep]
+        ends = [pads[i] + self.in_shape[axes[i]] for i in keep]
+        return self.b.slice(ct, starts, ends, [axes[i] for i in keep], hint=f"{self.x}::padT")
 
 
 class SliceMap(MoveMap):

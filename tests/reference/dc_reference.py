@@ -840,7 +840,8 @@ def split_op_pure(op: Op, ins, maxpool: str, idx=None):
         if maxpool == "wta":
             return _gather(p, idx), _gather(n, idx)
         sn = _window_sum(n, op.pool, idx.shape[2:])
-        return _gather(p, idx) + (sn - _gather(n, idx)), sn
+        # N is returned as its own tensor: sensitivities read at N must not include P's use of sn
+        return _gather(p, idx) + (sn - _gather(n, idx)), sn.clone()
     raise AssertionError(k)
 
 

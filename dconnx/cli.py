@@ -1,0 +1,175 @@
+"""The `dconnx` command: a thin argparse layer over the API. Exit 2 on DconnxError."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DconnxError, OptionError
+
+
+def _floats(text: str | None):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise OptionError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert a ReLU CNN into a model that also returns attributions")
+    p.add_argument("model", help="input .onnx file")
+    p.add_argument("-o", "--output", required=True, help="where to write the converted .onnx file")
+    p.add_argument("--methods", default="", help="comma list of splitgrad,splitcam,splitlrp "
+                   "(default: none, only the g and h outputs)")
+    p.add_argument("--layer", default=None, help="tensor name, index N (entering op N) or N:out; "
+                   "default: the input")
+    p.add_argument("--alpha", type=float, default=0.35, help="default of the alpha input (0..0.5, default 0.35)")
+    p.add_argument("--alpha-mode", choices=["constant", "frobenius"], default="constant")
+    p.add_argument("--maxpool", choices=["wta", "dc"], default="wta")
+    p.add_argument("--stabilize", choices=["recenter", "none"], default="recenter")
+    p.add_argument("--relu-backward", choices=["standard", "sum", "mask_diff"], default="standard")
+    p.add_argument("--ties", choices=["strict", "geq"], default="strict")
+    p.add_argument("--lrp-epsilon", type=float, default=1e-6)
+    p.add_argument("--normalize", choices=["none", "max", "minmax"], default="none")
+    p.add_argument("--no-upsample", action="store_true", help="keep maps at the layer's resolution")
+    p.add_argument("--explain-output", default=None, help="which model output to explain (default: first)")
+    p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "
+                   "(recorded for `dconnx explain`)")
+    p.add_argument("--std", default=None, help="input normalization std (recorded for `dconnx explain`)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .api import compile_model
+    from .io import save_model
+    model, report = compile_model(
+        args.model, methods=args.methods, layer=args.layer, alpha=args.alpha, alpha_mode=args.alpha_mode,
+        maxpool=args.maxpool, stabilize=args.stabilize, relu_backward=args.relu_backward, ties=args.ties,
+        lrp_epsilon=args.lrp_epsilon, normalize=args.normalize, upsample=not args.no_upsample,
+        output=args.explain_output, mean=_floats(args.mean), std=_floats(args.std))
+    out = save_model(model, args.output)
+    src = Path(args.model)
+    size_in = src.stat().st_size + sum(f.stat().st_size for f in src.parent.glob(src.name + ".data"))
+    size_out = out.stat().st_size + sum(f.stat().st_size for f in out.parent.glob(out.name + ".data"))
+    print(f"wrote {out} ({size_out / 1e6:.1f} MB, {size_out / max(size_in, 1):.3f}x the input)")
+    print(report.summary())
+    return 0
+
+
+def cmd_ops(args) -> int:
+    from .ops import CANONICALIZED, SUPPORTED, UNSUPPORTED
+    print("Supported ops (canonical graph):")
+    print(f"  {'op':<20} {'family':<14} {'shift':<9} {'recenter':<9} notes")
+    for op, info in sorted(SUPPORTED.items()):
+        print(f"  {op:<20} {info.family:<14} {str(info.shift):<9} {str(info.recenter):<9} {info.doc}")
+    print("\nRewritten by canonicalization:")
+    for op, what in sorted(CANONICALIZED.items()):
+        print(f"  {op:<20} -> {what}")
+    print("\nRefused (never approximated):")
+    for op, why in sorted(UNSUPPORTED.items()):
+        print(f"  {op:<20} {why}")
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from .compilation import Compilation, Options
+    from .io import load_model, validate
+    from .layers import feature_chain
+    from dconnx.passes.canonicalize import Canonicalize
+    from dconnx.passes.preflight import Preflight
+    comp = Compilation(validate(load_model(args.model)), Options())
+    Preflight()(comp)
+    Canonicalize()(comp)
+    inp = comp.view.data_inputs[0].name
+    print(f"feature chain of the canonical graph from '{inp}' (--layer N = entering op N, N:out = leaving):")
+    for op in feature_chain(comp.view, inp):
+        shape = comp.view.shape(op.tensor_in)
+        print(f"  {op.index:>3}  {op.op_type:<18} {op.node_name:<40} in: {op.tensor_in} {shape}")
+    print("\nall data tensors (usable as --layer NAME):")
+    for node in comp.model.graph.node:
+        for o in node.output:
+            if o in comp.view.data_tensors:
+                print(f"  {o:<50} {node.op_type:<18} {comp.view.shape(o)}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .runtime import Explainer
+    from .viz import IMAGENET_MEAN, IMAGENET_STD, load_image, panel, save_npy, save_png
+    ex = Explainer(args.model)
+    pre = json.loads(ex.meta.get("dconnx.preprocess", "{}"))
+    mean = _floats(args.mean) or pre.get("mean") or IMAGENET_MEAN
+    std = _floats(args.std) or pre.get("std") or IMAGENET_STD
+    shape = ex.input_shape
+    x, rgb = load_image(args.image, (shape[2], shape[3]), mean, std, channels=shape[1])
+    out = ex(x[None], target=args.target, alpha=args.alpha)
+    maps = {m: out[m][0] for m in ex.methods}
+    if not maps:
+        raise OptionError("the model has no attribution outputs; convert it with --methods")
+    logits = out[ex.output_names[0]][0]
+    target = args.target if args.target is not None else int(logits.argmax())
+    title = f"class {target} (logit {logits[target]:.3f}) on {ex.provider}"
+    png = save_png(panel(rgb, maps, title), args.output)
+    stem = png.with_suffix("")
+    written = [str(png)]
+    for m, arr in maps.items():
+        path = Path(f"{stem}.npy") if len(maps) == 1 else Path(f"{stem}.{m}.npy")
+        written.append(str(save_npy(arr, path)))
+    print(f"explained class {target} with {', '.join(maps)} on {ex.provider}")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import onnx
+    m = onnx.load(args.model, load_external_data=False)
+    meta = {p.key: p.value for p in m.metadata_props}
+    if "dconnx.input" not in meta:
+        raise OptionError(f"'{args.model}' was not produced by dconnx convert")
+    for k, v in meta.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dconnx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    sub.add_parser("ops", help="print the supported-op table").set_defaults(func=cmd_ops)
+    p = sub.add_parser("layers", help="list layer indices and tensor names of a model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_layers)
+    p = sub.add_parser("explain", help="explain an image with a converted model; writes PNG + .npy")
+    p.add_argument("model", help="a converted .onnx file")
+    p.add_argument("image", help="an image file (PNG, JPEG, ...)")
+    p.add_argument("-o", "--output", required=True, help="PNG to write (raw maps go beside it as .npy)")
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: the argmax)")
+    p.add_argument("--alpha", type=float, default=None, help="alpha (default: the model's)")
+    p.add_argument("--mean", default=None)
+    p.add_argument("--std", default=None)
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("info", help="show how a converted model was made")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DconnxError as e:
+        print(f"dconnx: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main_entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -1,0 +1,1 @@
+"""Evaluation helpers: synthetic localization data with ground-truth masks."""

@@ -1,0 +1,135 @@
+"""Running converted models: `Explainer` owns one onnxruntime session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputError, InvalidModelError, NumericalError, OptionError
+
+
+def default_providers() -> list[str]:
+    """CUDA first when onnxruntime offers it, then CPU."""
+    import onnxruntime as ort
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+
+def session_options(threads: int | None = None, level: str = "all", quiet: bool = True):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise OptionError(f"graph optimization level '{level}' is not one of {', '.join(levels)}")
+    so.graph_optimization_level = levels[level]
+    if quiet:
+        so.log_severity_level = 3   # the target/alpha defaults are overridable initializers: ORT warns
+    return so
+
+
+class Explainer:
+    """A converted model, ready to explain batches.
+
+    >>> ex = Explainer("model.dc.onnx")          # doctest: +SKIP
+    >>> maps = ex(images, target=None, alpha=0.4)  # dict: output name -> array
+    """
+
+    def __init__(self, model, providers: list[str] | None = None, *, threads: int | None = None,
+                 optimization: str = "all", check_finite: bool = True):
+        import onnxruntime as ort
+        if isinstance(model, onnx.ModelProto):
+            source, meta = model.SerializeToString(), model.metadata_props
+        else:
+            path = Path(model)
+            if not path.is_file():
+                raise InvalidModelError(f"no converted model at '{path}'")
+            proto = onnx.load(str(path), load_external_data=False)
+            source, meta = str(path), proto.metadata_props
+        self.meta = {p.key: p.value for p in meta}
+        if "dconnx.input" not in self.meta:
+            raise InvalidModelError("this model was not produced by `dconnx convert` (no dconnx metadata)")
+        self.providers_requested = list(providers) if providers else default_providers()
+        try:
+            self.session = ort.InferenceSession(source, session_options(threads, optimization),
+                                                providers=self.providers_requested)
+        except Exception as e:
+            raise InvalidModelError(f"onnxruntime cannot load the model: {e}") from e
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.meta["dconnx.input"]
+        self.heads = json.loads(self.meta.get("dconnx.methods", "[]"))
+        self.options = json.loads(self.meta.get("dconnx.options", "{}"))
+        self.target_input = self.meta.get("dconnx.target_input") or None
+        self.alpha_input = self.meta.get("dconnx.alpha_input") or None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_shape = inputs[self.input_name].shape
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.n_classes = self.session.get_outputs()[0].shape[-1]
+        self.check_finite = check_finite
+        self._feeds_target = self.target_input in inputs
+        self._feeds_alpha = self.alpha_input in inputs
+
+    @property
+    def methods(self) -> list[str]:
+        return [h["output"] for h in self.heads]
+
+    def _check_input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise InputError(f"input must be floating point, got {x.dtype}")
+        want = self.input_shape
+        if x.ndim == len(want) - 1:
+            x = x[None]
+        if x.ndim != len(want):
+            raise InputError(f"input has shape {list(x.shape)}; the model takes {want}")
+        for i, (got, exp) in enumerate(zip(x.shape, want)):
+            if isinstance(exp, int) and got != exp:
+                raise InputError(f"input has shape {list(x.shape)}; the model takes {want} (axis {i})")
+        if not np.all(np.isfinite(x)):
+            raise InputError("input contains NaN or Inf")
+        return x.astype(np.float32 if self.session.get_inputs()[0].type == "tensor(float)" else x.dtype,
+                        copy=False)
+
+    def __call__(self, x, target=None, alpha: float | None = None) -> dict[str, np.ndarray]:
+        """Run the model: every output by name (logits, g, h, one map per method)."""
+        x = self._check_input(x)
+        feeds = {self.input_name: x}
+        if target is not None:
+            if not self._feeds_target:
+                raise OptionError("this converted model has no `target` input (no methods requested)")
+            t = np.atleast_1d(np.asarray(target, dtype=np.int64))
+            if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
+                raise InputError(f"target must be one class or one per sample ({x.shape[0]}), got {t.shape}")
+            if np.any(t >= self.n_classes) or np.any(t < -1):
+                raise InputError(f"target {t.tolist()} outside 0..{self.n_classes - 1} (or -1 for argmax)")
+            feeds[self.target_input] = t
+        if alpha is not None:
+            if not self._feeds_alpha:
+                raise OptionError("this converted model has no `alpha` input")
+            if not 0.0 <= float(alpha) <= 0.5:
+                raise InputError(f"alpha={alpha} is outside [0, 0.5]")
+            feeds[self.alpha_input] = np.asarray(alpha, dtype=np.float32)
+        outs = self.session.run(None, feeds)
+        result = dict(zip(self.output_names, outs))
+        if self.check_finite:
+            bad = [k for k, v in result.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
+            if bad:
+                raise NumericalError(f"outputs {', '.join(bad)} contain NaN/Inf (stream overflow?); "
+                                     "try --stabilize recenter or float32/float64 weights")
+        return result
+
+    def maps(self, x, target=None, alpha=None) -> dict[str, np.ndarray]:
+        """Only the attribution maps, by method output name."""
+        out = self(x, target=target, alpha=alpha)
+        return {m: out[m] for m in self.methods}
+
+
+def explain(model, x, target=None, alpha=None, providers=None) -> dict[str, np.ndarray]:
+    """One-shot: load a converted model and return its attribution maps for x."""
+    return Explainer(model, providers=providers).maps(x, target=target, alpha=alpha)

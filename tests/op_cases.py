@@ -1,0 +1,127 @@
+"""The op table: one small torch module per supported op (and per interesting attribute
+combination), exported to ONNX in the tests. `ONNX_OPS` names the canonical op(s) each
+case must produce, so the registry-completeness test can find a case for every op."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Head(nn.Module):
+    """op(x) flattened to [batch, features]: the explained 'logits' of an op test."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return torch.flatten(self.fn(x), 1)
+
+
+class Lambda(nn.Module):
+    def __init__(self, f, **mods):
+        super().__init__()
+        self.f = f
+        for k, v in mods.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.f(self, x)
+
+
+@dataclass
+class OpCase:
+    name: str
+    make: object               # () -> nn.Module producing any shape
+    shape: tuple = (2, 3, 8, 8)
+    ops: tuple = ()            # canonical ONNX ops this case exercises
+    keep_bn: bool = False      # export BatchNormalization unfolded
+    pool: bool = False         # run both MaxPool modes
+    extra: dict = field(default_factory=dict)
+
+    def module(self, seed=0):
+        torch.manual_seed(seed)
+        m = Head(self.make())
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                with torch.no_grad():
+                    mod.running_mean.normal_(0, 0.5)
+                    mod.running_var.uniform_(0.5, 2.0)
+                    mod.weight.uniform_(-1.5, 1.5)
+                    mod.bias.normal_(0, 0.5)
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and mod.bias is not None:
+                with torch.no_grad():
+                    mod.bias.normal_(0, 0.3)
+        return m.eval()
+
+
+def _conv(*a, **k):
+    return lambda: nn.Conv2d(*a, **k)
+
+
+CASES = [
+    OpCase("conv3x3", _conv(3, 4, 3, padding=1), ops=("Conv",)),
+    OpCase("conv_stride2", _conv(3, 4, 3, stride=2, padding=1), ops=("Conv",)),
+    OpCase("conv_stride2_even", _conv(3, 4, 2, stride=2), ops=("Conv",)),
+    OpCase("conv_dilated", _conv(3, 4, 3, padding=2, dilation=2), ops=("Conv",)),
+    OpCase("conv_grouped", _conv(4, 6, 3, padding=1, groups=2), shape=(2, 4, 8, 8), ops=("Conv",)),
+    OpCase("conv_depthwise_mult2", _conv(4, 8, 3, padding=1, groups=4), shape=(2, 4, 8, 8), ops=("Conv",)),
+    OpCase("conv_asym_nobias", _conv(3, 4, (3, 1), stride=(2, 1), padding=(1, 0), bias=False), ops=("Conv",)),
+    OpCase("conv_strided_grouped", _conv(4, 4, 3, stride=2, padding=1, groups=4), shape=(2, 4, 9, 9),
+           ops=("Conv",)),
+    OpCase("conv1d", lambda: nn.Conv1d(3, 4, 3, padding=1), shape=(2, 3, 10), ops=("Conv",)),
+    OpCase("linear", lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 7)), ops=("Gemm",)),
+    OpCase("matmul", lambda: Lambda(lambda s, x: torch.flatten(x, 1) @ s.w,
+                                    w=nn.Parameter(torch.randn(3 * 8 * 8, 5))), ops=("Gemm",)),
+    OpCase("relu", lambda: nn.ReLU(), ops=("Relu",)),
+    OpCase("conv_relu", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), ops=("Conv", "Relu")),
+    OpCase("relu6", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6()),
+           ops=("Relu", "Sub")),
+    OpCase("hardtanh", lambda: nn.Hardtanh(-1.0, 2.0), ops=("Relu", "Sub", "Add")),
+    OpCase("leaky_relu", lambda: nn.LeakyReLU(0.1), ops=("Relu", "Mul", "Add")),
+    OpCase("prelu", lambda: nn.PReLU(3, init=0.2), ops=("Relu", "Mul", "Add")),
+    OpCase("maxpool2", lambda: nn.MaxPool2d(2), ops=("MaxPool",), pool=True),
+    OpCase("maxpool3s2_overlap", lambda: nn.MaxPool2d(3, 2, padding=1), ops=("MaxPool",), pool=True),
+    OpCase("maxpool_ceil", lambda: nn.MaxPool2d(3, 2, ceil_mode=True), ops=("MaxPool",), pool=True),
+    OpCase("maxpool_dilated", lambda: nn.MaxPool2d(3, 1, dilation=2), ops=("MaxPool",), pool=True),
+    OpCase("conv_relu_maxpool", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                                      nn.MaxPool2d(3, 2, padding=1)),
+           ops=("Conv", "Relu", "MaxPool"), pool=True),
+    OpCase("avgpool_excl_pad", lambda: nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+           ops=("AveragePool",)),
+    OpCase("avgpool_incl_pad", lambda: nn.AvgPool2d(3, 2, padding=1, count_include_pad=True),
+           ops=("AveragePool",)),
+    OpCase("avgpool2", lambda: nn.AvgPool2d(2), ops=("AveragePool",)),
+    OpCase("global_avgpool", lambda: nn.AdaptiveAvgPool2d(1), ops=("GlobalAveragePool",)),
+    OpCase("reduce_mean", lambda: Lambda(lambda s, x: x.mean((2, 3), keepdim=True)),
+           ops=("GlobalAveragePool",)),
+    OpCase("batchnorm_unfolded", lambda: nn.BatchNorm2d(3), ops=("BatchNormalization",), keep_bn=True),
+    OpCase("conv_bn_folded", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+           ops=("Conv",), keep_bn=True),
+    OpCase("residual_add", lambda: Lambda(lambda s, x: s.c(x) + x, c=nn.Conv2d(3, 3, 3, padding=1)),
+           ops=("Conv", "Add")),
+    OpCase("residual_sub", lambda: Lambda(lambda s, x: s.c(x) - x, c=nn.Conv2d(3, 3, 3, padding=1)),
+           ops=("Conv", "Sub")),
+    OpCase("mul_const", lambda: Lambda(lambda s, x: x * s.c,
+                                       c=nn.Parameter(torch.tensor([-1.5, 0.5, 2.0]).view(3, 1, 1))),
+           ops=("Mul",)),
+    OpCase("div_const", lambda: Lambda(lambda s, x: x / 3.0), ops=("Mul",)),
+    OpCase("add_const", lambda: Lambda(lambda s, x: x + s.c, c=nn.Parameter(torch.randn(3, 1, 1))),
+           ops=("Add",)),
+    OpCase("rsub_const", lambda: Lambda(lambda s, x: 2.0 - x), ops=("Sub",)),
+    OpCase("permute", lambda: Lambda(lambda s, x: x.permute(0, 2, 3, 1)), ops=("Transpose",)),
+    OpCase("unsqueeze_squeeze", lambda: Lambda(lambda s, x: torch.relu(x.unsqueeze(2)).squeeze(2)),
+           ops=("Unsqueeze", "Squeeze", "Relu")),
+    OpCase("pad", lambda: Lambda(lambda s, x: F.pad(x, (1, 2, 0, 1))), ops=("Pad",)),
+    OpCase("slice", lambda: Lambda(lambda s, x: x[:, 1:3, 2:6]), ops=("Slice",)),
+    OpCase("concat", lambda: Lambda(lambda s, x: torch.cat([x, s.c(x)], 1), c=nn.Conv2d(3, 2, 1)),
+           ops=("Conv", "Concat")),
+    OpCase("split", lambda: Lambda(lambda s, x: (lambda a, b: torch.cat([torch.relu(b), a], 1))(
+        *torch.split(x, [1, 2], dim=1))), ops=("Split", "Relu", "Concat")),
+    OpCase("reshape", lambda: Lambda(lambda s, x: x.reshape(x.shape[0], -1, 2)), ops=("Reshape",)),
+]
+
+BY_NAME = {c.name: c for c in CASES}

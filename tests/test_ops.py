@@ -122,7 +122,8 @@ def test_mask_diff_mode_does_not_reconstruct_gradient():
     from op_cases import Head
     torch.manual_seed(0)
     module = Head(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
-                                      torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU())).eval()
+                                      torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+                                      torch.nn.Flatten(), torch.nn.Linear(256, 5))).eval()
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
     model = export(module, torch.tensor(x))
     recon = {}

@@ -76,6 +76,8 @@ CASES = [
     OpCase("linear", lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 7)), ops=("Gemm",)),
     OpCase("matmul", lambda: Lambda(lambda s, x: torch.flatten(x, 1) @ s.w,
                                     w=nn.Parameter(torch.randn(3 * 8 * 8, 5))), ops=("Gemm",)),
+    OpCase("matmul_3d", lambda: Lambda(lambda s, x: torch.flatten(x, 2) @ s.w,
+                                       w=nn.Parameter(torch.randn(8 * 8, 5))), ops=("MatMul",)),
     OpCase("relu", lambda: nn.ReLU(), ops=("Relu",)),
     OpCase("conv_relu", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), ops=("Conv", "Relu")),
     OpCase("relu6", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6()),

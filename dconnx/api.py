@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from .compilation import Compilation, Options
 from .errors import DconnxError, OptionError
-from .io import load_model, save_model, validate
+from .io import load_model, save_model
 
 
 @dataclass
@@ -54,7 +54,7 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
 
     opts = _options(options, kwargs)
     t0 = time.perf_counter()
-    comp = Compilation(validate(load_model(model)), opts)
+    comp = Compilation(load_model(model), opts)
     report = ConversionReport()
     for p in (Preflight(), Canonicalize(), Split(), Backward(), Heads(), Optimize()):
         result = p(comp, debug=debug)

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import shape_inference
 
@@ -67,7 +68,7 @@ def load_model(source, *, check: bool = True) -> onnx.ModelProto:
         except Exception as e:  # truncated or unreadable data files
             raise InvalidModelError(f"cannot read the external data of '{source}': {e}") from e
     if check:
-        validate(model)
+        validate(model)     # also infers shapes into the model
     return model
 
 
@@ -82,44 +83,62 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return model
 
 
-def validate(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Full checker plus strict shape inference; returns the model with inferred shapes."""
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        raise InvalidModelError(f"the model fails onnx.checker: {_first_line(e)}") from e
-    try:
-        inferred = shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
-                                                data_prop=True)
-    except Exception as e:
-        raise InvalidModelError(f"the model fails strict shape inference: {_first_line(e)}") from e
-    return inferred
-
-
-def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
-    """Fresh shape inference without copying big weights: initializers larger than a
-    shape tensor are stood in for by typed graph inputs. Returns the model with its
-    value_info replaced by the inferred one."""
+def _light_copy(model: onnx.ModelProto, limit: int = 64) -> onnx.ModelProto:
+    """The model's graph without the payload of big initializers: each becomes a typed
+    graph input, which is all the checker and shape inference need of it."""
     light = onnx.ModelProto()
-    light.ir_version = model.ir_version
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, name, getattr(model, name))
     light.opset_import.extend(model.opset_import)
     g = light.graph
+    g.name = model.graph.name
     g.node.extend(model.graph.node)
     g.input.extend(model.graph.input)
     g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
     names = {i.name for i in model.graph.input}
     for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n <= 64:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if n <= limit:
             g.initializer.append(t)
         elif t.name not in names:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    """Big initializers skipped by the light check: their data must match their dims."""
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.raw_data:
+            continue
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(t.raw_data) != n * itemsize:
+            raise InvalidModelError(f"initializer '{t.name}' holds {len(t.raw_data)} bytes; "
+                                    f"its shape {list(t.dims)} needs {n * itemsize}")
+
+
+def validate(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Full checker and strict shape inference, on a weightless copy so big models stay fast.
+
+    Returns `model` itself with freshly inferred value_info."""
+    try:
+        onnx.checker.check_model(_light_copy(model), full_check=True)
+    except Exception as e:
+        raise InvalidModelError(f"the model fails onnx.checker: {_first_line(e)}") from e
+    _check_tensor_sizes(model)
+    return infer_shapes(model)
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    """Fresh strict shape inference without copying big weights; replaces the model's
+    value_info with the inferred one and returns the model."""
+    light = _light_copy(model)
+    del light.graph.value_info[:]
     try:
         inferred = shape_inference.infer_shapes(light, check_type=True, strict_mode=strict, data_prop=True)
     except Exception as e:
-        raise InvalidModelError(f"shape inference failed: {_first_line(e)}") from e
+        raise InvalidModelError(f"the model fails strict shape inference: {_first_line(e)}") from e
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     outs = {o.name: o for o in inferred.graph.output}

@@ -87,9 +87,9 @@ def _dead_code(model: onnx.ModelProto) -> int:
     removed = len(g.node) - len(keep)
     del g.node[:]
     g.node.extend(reversed(keep))
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in needed:
+            del g.initializer[i]
     return removed
 
 

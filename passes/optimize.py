@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import onnx
-from onnx import helper
 
 from dconnx.io import MAX_IR_VERSION, validate
 
@@ -20,22 +19,20 @@ MIN_IR_FOR_OPSET17 = 8
 
 
 def assemble(comp) -> onnx.ModelProto:
-    """The canonical model plus everything the builder added (inputs, outputs, nodes)."""
-    src = comp.model
-    g = src.graph
+    """The canonical model plus everything the builder added. Built in place: the
+    original weights are never copied."""
+    model = comp.model
+    g = model.graph
     b = comp.b
-    graph = helper.make_graph(
-        list(g.node) + b.nodes,
-        g.name or "dconnx",
-        list(g.input) + comp.new_inputs,
-        list(g.output) + comp.new_outputs,
-        initializer=list(g.initializer) + b.initializers,
-    )
-    model = helper.make_model(graph, opset_imports=list(src.opset_import),
-                              producer_name="dconnx", producer_version=_version())
-    model.ir_version = min(max(src.ir_version, MIN_IR_FOR_OPSET17), MAX_IR_VERSION)
-    for p in src.metadata_props:
-        model.metadata_props.add(key=p.key, value=p.value)
+    g.node.extend(b.nodes)
+    g.initializer.extend(b.initializers)
+    g.input.extend(comp.new_inputs)
+    g.output.extend(comp.new_outputs)
+    del g.value_info[:]
+    model.producer_name, model.producer_version = "dconnx", _version()
+    model.ir_version = min(max(model.ir_version, MIN_IR_FOR_OPSET17), MAX_IR_VERSION)
+    b.nodes, b.initializers = [], []
+    comp.new_inputs, comp.new_outputs = [], []
     return model
 
 
@@ -61,12 +58,12 @@ def prune(model: onnx.ModelProto, keep_inputs=()) -> int:
     keep.reverse()
     del g.node[:]
     g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    graph_inputs = [i for i in g.input if i.name in needed]
-    del g.input[:]
-    g.input.extend(graph_inputs)
+    for i in reversed(range(len(g.initializer))):    # in place: weights are not copied
+        if g.initializer[i].name not in needed:
+            del g.initializer[i]
+    for i in reversed(range(len(g.input))):
+        if g.input[i].name not in needed:
+            del g.input[i]
     # a MaxPool Indices output nobody reads would still be computed: drop it
     for node in g.node:
         if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] not in needed:

@@ -10,11 +10,24 @@ import onnx
 from .errors import InputError, InvalidModelError, NumericalError, OptionError
 
 
+def cuda_usable() -> bool:
+    """A CUDA driver is present (onnxruntime-gpu lists CUDA even on machines without one)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
 def default_providers() -> list[str]:
-    """CUDA first when onnxruntime offers it, then CPU."""
+    """CUDA first when onnxruntime offers it and a GPU driver is present, then CPU."""
     import onnxruntime as ort
     avail = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+    wanted = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in avail and cuda_usable():
+        wanted.insert(0, "CUDAExecutionProvider")
+    return wanted
 
 
 def session_options(threads: int | None = None, level: str = "all", quiet: bool = True):
@@ -68,6 +81,7 @@ class Explainer:
         self.target_input = self.meta.get("dconnx.target_input") or None
         self.alpha_input = self.meta.get("dconnx.alpha_input") or None
         inputs = {i.name: i for i in self.session.get_inputs()}
+        inputs.update({i.name: i for i in self.session.get_overridable_initializers()})
         self.input_shape = inputs[self.input_name].shape
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.n_classes = self.session.get_outputs()[0].shape[-1]

@@ -35,6 +35,8 @@ def _add_convert(sub):
     p.add_argument("--lrp-epsilon", type=float, default=1e-6)
     p.add_argument("--normalize", choices=["none", "max", "minmax"], default="none")
     p.add_argument("--no-upsample", action="store_true", help="keep maps at the layer's resolution")
+    p.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="keep BatchNormalization as its own shift point (the authors' reading)")
     p.add_argument("--explain-output", default=None, help="which model output to explain (default: first)")
     p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "
                    "(recorded for `dconnx explain`)")
@@ -49,7 +51,8 @@ def cmd_convert(args) -> int:
         args.model, methods=args.methods, layer=args.layer, alpha=args.alpha, alpha_mode=args.alpha_mode,
         maxpool=args.maxpool, stabilize=args.stabilize, relu_backward=args.relu_backward, ties=args.ties,
         lrp_epsilon=args.lrp_epsilon, normalize=args.normalize, upsample=not args.no_upsample,
-        output=args.explain_output, mean=_floats(args.mean), std=_floats(args.std))
+        output=args.explain_output, mean=_floats(args.mean), std=_floats(args.std),
+        fold_batchnorm=not args.no_fold_batchnorm)
     out = save_model(model, args.output)
     src = Path(args.model)
     size_in = src.stat().st_size + sum(f.stat().st_size for f in src.parent.glob(src.name + ".data"))

@@ -27,6 +27,7 @@ class Options:
     ties: str = "strict"               # "strict": 1[x > 0]; "geq": 1[x >= 0]
     linear_form: str = "sumdiff"       # "sumdiff" (two products) | "four" (four products)
     share_forward: bool = True         # reuse the original activations for recentered streams
+    fold_batchnorm: bool = True        # False: keep BN as its own shift point (the authors' reading)
     lrp_epsilon: float = 1e-6
     normalize: str = "none"            # "none" | "max" | "minmax"
     upsample: bool = True

@@ -103,6 +103,7 @@ class Canonicalize(Pass):
 
     def run(self, comp) -> PassResult:
         res = PassResult(self.name)
+        self.fold_bn = comp.opts.fold_batchnorm
         model = comp.model
         if _opset(model) < MIN_OPSET:
             from onnx import version_converter
@@ -321,6 +322,9 @@ class Canonicalize(Pass):
         view = ed.view
         for bn in list(ed.g.node):
             if bn.op_type != "BatchNormalization":
+                continue
+            if not self.fold_bn:
+                res.skip(f"fold_batchnorm: {node_label(bn)} — disabled (fold_batchnorm=False)")
                 continue
             x = bn.input[0]
             prod = view.producer.get(x)

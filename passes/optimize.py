@@ -83,7 +83,7 @@ def metadata(comp) -> dict:
             "alpha_default": o.alpha, "alpha_mode": o.alpha_mode, "maxpool": o.maxpool,
             "stabilize": o.stabilize, "relu_backward": o.relu_backward, "ties": o.ties,
             "lrp_epsilon": o.lrp_epsilon, "normalize": o.normalize, "linear_form": o.linear_form,
-            "share_forward": o.share_forward}),
+            "share_forward": o.share_forward, "fold_batchnorm": o.fold_batchnorm}),
         "dconnx.preprocess": json.dumps({"mean": list(o.mean) if o.mean else None,
                                          "std": list(o.std) if o.std else None}),
         "dconnx.target_input": comp.target_input,

@@ -138,13 +138,15 @@ class Compilation:
         return self.cached(("S", name), lambda: self.b.add(sp.p, sp.n, hint=f"{name}::S"))
 
     def mask(self, x: str) -> str:
-        """The Relu mask of tensor x as floats: 1[x > 0] (or 1[x >= 0] with ties='geq')."""
+        """The Relu mask of tensor x as a bool tensor: x > 0 (or x >= 0 with ties='geq')."""
         def make():
-            zero = self.b.scalar(0.0)
             op = "Greater" if self.opts.ties == "strict" else "GreaterOrEqual"
-            m = self.b.op(op, [x, zero], hint=f"{x}::mask")
-            return self.b.cast(m, self.float_type, hint=f"{x}::maskf")
+            return self.b.op(op, [x, self.b.scalar(0.0)], hint=f"{x}::mask")
         return self.cached(("mask", x), make)
+
+    def where(self, mask: str, a: str, b: str | None = None) -> str:
+        """mask ? a : b (b = 0 when omitted)."""
+        return self.b.op("Where", [mask, a, b if b is not None else self.b.scalar(0.0)])
 
     def batch_size(self) -> str:
         """int64 [1]: the run-time batch size of the data input."""

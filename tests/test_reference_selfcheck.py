@@ -27,6 +27,15 @@ ALPHAS = (0.0, 0.35, 0.4, 0.5)
 SHIFT_KINDS = {"linear", "relu", "maxpool", "add", "sub"}  # docs/method.md §1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Intra-op threads spin badly when the 2 cores are shared; one thread is faster here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------
 # test networks
 # ----------------------------------------------------------------------------
@@ -181,7 +190,32 @@ def resnet18_net(gen, zero_bias=False):
     return m, torch.randn(2, 3, 64, 64, generator=gen)
 
 
+class MiscNet(nn.Module):
+    """LeakyReLU, Hardtanh(-1, 1), clamp(min=0), constant division/negation, permute."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.lk = nn.LeakyReLU(0.1)
+        self.c2 = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.ht = nn.Hardtanh(-1.0, 1.0)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.lk(self.c1(x))
+        x = self.ht(self.c2(x) / 2.0)
+        x = torch.clamp(-x, min=0) + F.leaky_relu(x, 0.2)
+        x = x.permute(0, 2, 3, 1).mean((1, 2))
+        return self.fc(x)
+
+
+@_seeded(6)
+def misc_net(gen):
+    return MiscNet(), torch.randn(2, 3, 16, 16, generator=gen)
+
+
 NETS = {
+    "misc": misc_net,
     "explicit_chain": explicit_chain,
     "plain_chain": plain_chain,
     "block": block_net,
@@ -189,7 +223,7 @@ NETS = {
     "resnet18": resnet18_net,
     "resnet18_nobias": functools.partial(resnet18_net, True),
 }
-SMALL = ("explicit_chain", "plain_chain", "block")
+SMALL = ("explicit_chain", "plain_chain", "block", "misc")
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,7 +232,7 @@ def graph_of(name, fold_bn=True):
     return ref.canonicalize(model, x, fold_bn=fold_bn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=10)  # bounded: a resnet18 run with every tensor kept is ~100 MB
 def _run_cached(name, items):
     opts = dict(items)
     model, x = NETS[name]()
@@ -216,7 +250,7 @@ def tname(res, tid):
 def close(a, b, scale=None, rtol=1e-10, atol_rel=1e-12, msg=""):
     """assert_close with an absolute tolerance relative to `scale` (default: |a| + |b|)."""
     if scale is None:
-        scale = torch.maximum(a.abs().max(), b.abs().max())
+        scale = torch.maximum(a.detach().abs().max(), b.detach().abs().max())
     scale = float(scale) if torch.is_tensor(scale) else scale
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol_rel * max(scale, 1e-300), msg=msg or None)
 
@@ -298,8 +332,9 @@ def explicit_split(mods, x, target, *, alpha=0.0, alphas=None, relu="autograd",
         if i in shift_ids and i != last:
             a = alphas[i] if alphas is not None else alpha
             s = a * (p + n)
+            z = s.detach() - s  # exactly 0 in value; gradient -a on both streams
             # identity forward; backward (dp, dn) -> (dp - a(dp+dn), dn - a(dp+dn))
-            p, n = p - s + s.detach(), n - s + s.detach()
+            p, n = p + z, n + z
         recenter = False
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if isinstance(m, nn.Conv2d):
@@ -324,12 +359,13 @@ def explicit_split(mods, x, target, *, alpha=0.0, alphas=None, relu="autograd",
                 p, n = torch.maximum(P, N), N
             elif relu == "standard":
                 p, n = mk * P + (1 - mk) * N, N
+            # below, value.detach() + (t - t.detach()) has the exact value and t's gradient
             elif relu == "sum":
-                p = mk * P + ((1 - mk) * N).detach()
-                n = N + (1 - mk) * P - ((1 - mk) * P).detach()
+                p = torch.maximum(P, N).detach() + (mk * P - (mk * P).detach())
+                n = N + ((1 - mk) * P - ((1 - mk) * P).detach())
             elif relu == "mask_diff":
                 c = 2 * mk - 1
-                p, n = c * P + (torch.maximum(P, N) - c * P).detach(), N
+                p, n = torch.maximum(P, N).detach() + (c * P - (c * P).detach()), N
             else:
                 raise AssertionError(relu)
             recenter = True
@@ -342,6 +378,9 @@ def explicit_split(mods, x, target, *, alpha=0.0, alphas=None, relu="autograd",
         if recenter and stabilize == "recenter":
             c = torch.minimum(p, n).detach()
             p, n = p - c, n - c
+        # fresh tensors: the sensitivity at a stream is the partial derivative wrt that
+        # stream alone (Relu's n-stream is also an input of its p-stream, for example)
+        p, n = p.clone(), n.clone()
         kept.append((p, n))
     g, h = kept[-1]
     flat = [z for pr in kept for z in pr]
@@ -384,28 +423,30 @@ def test_forward_matches_model_and_streams(name):
     m = copy.deepcopy(model).double().eval()
     xd = x.double().requires_grad_(True)
     f = m(xd)
-    for stabilize in ("recenter", "none"):
-        for maxpool in ("wta", "dc"):
-            res = run(name, stabilize=stabilize, maxpool=maxpool)
-            close(res.logits, f.detach(), msg="logits vs original model")
-            close(res.g - res.h, res.logits, scale=(res.g.abs() + res.h.abs()).max(), atol_rel=1e-13,
-                  msg="g - h vs logits")
-            for key, (p, n) in res.streams.items():
-                assert (p >= 0).all() and (n >= 0).all(), key
-                P, N = res.pre_streams[key]
-                assert (P >= 0).all() and (N >= 0).all(), key
-                close(p - n, res.acts[key], scale=(p + n).max(), atol_rel=1e-13, msg=f"p - n at {key}")
-                if stabilize == "recenter":
-                    tid = res.keys[key]
-                    op = res.graph.ops[res.graph.producer[tid]] if tid else None
-                    if tid == 0 or op.recenter_point:
-                        a = res.acts[key]
-                        close(p, F.relu(a), scale=a.abs().max(), atol_rel=1e-13, msg=key)
-                        close(n, F.relu(-a), scale=a.abs().max(), atol_rel=1e-13, msg=key)
+    combos = [("recenter", "wta"), ("none", "dc")]
+    if name != "resnet18":
+        combos += [("recenter", "dc"), ("none", "wta")]
+    for stabilize, maxpool in combos:
+        res = run(name, stabilize=stabilize, maxpool=maxpool)
+        close(res.logits, f.detach(), msg="logits vs original model")
+        close(res.g - res.h, res.logits, scale=(res.g.abs() + res.h.abs()).max(), atol_rel=1e-13,
+              msg="g - h vs logits")
+        for key, (p, n) in res.streams.items():
+            assert (p >= 0).all() and (n >= 0).all(), key
+            P, N = res.pre_streams[key]
+            assert (P >= 0).all() and (N >= 0).all(), key
+            close(p - n, res.acts[key], scale=(p + n).max(), atol_rel=1e-13, msg=f"p - n at {key}")
             if stabilize == "recenter":
-                assert res.graph.ops[res.graph.producer[res.graph.output]].recenter_point
-                close(res.g, F.relu(res.logits), msg="g = relu(f)")
-                close(res.h, F.relu(-res.logits), msg="h = relu(-f)")
+                tid = res.keys[key]
+                op = res.graph.ops[res.graph.producer[tid]] if tid else None
+                if tid == 0 or op.recenter_point:
+                    a = res.acts[key]
+                    close(p, F.relu(a), scale=a.abs().max(), atol_rel=1e-13, msg=key)
+                    close(n, F.relu(-a), scale=a.abs().max(), atol_rel=1e-13, msg=key)
+        if stabilize == "recenter":
+            assert res.graph.ops[res.graph.producer[res.graph.output]].recenter_point
+            close(res.g, F.relu(res.logits), msg="g = relu(f)")
+            close(res.h, F.relu(-res.logits), msg="h = relu(-f)")
     # plain gradient of the original model
     t = res.target
     (gx,) = torch.autograd.grad(f.gather(1, t[:, None]).sum(), xd)
@@ -455,29 +496,52 @@ def test_relu6_and_bn_canonical_form():
 # ----------------------------------------------------------------------------
 
 
-def _check_invariant(res):
+def _check_invariant(res, min_resolved=1):
+    """dpp - dnp - dpn + dnn == grad at every kept tensor. The four sensitivities carry the
+    absolute-path term sigma, which can exceed |grad| by many orders of magnitude (resnet18 at
+    alpha = 0: ~1e20 at the input), so float64 resolves the identity only to ~1e-12 * max|delta|;
+    `min_resolved` tensors must have max|delta| < 1e4 |grad| (identity checked to < 1e-8 rel.)."""
+    resolved = 0
     for key, s in res.sens.items():
         dpp, dnp, dpn, dnn = s
-        close(dpp - dnp - dpn + dnn, res.grad[key], scale=sens_scale(s), msg=f"invariant at {key}")
+        sc = sens_scale(s)
+        close(dpp - dnp - dpn + dnn, res.grad[key], scale=sc, msg=f"invariant at {key}")
+        resolved += sc < 1e4 * float(res.grad[key].abs().max())
+    assert resolved >= min_resolved
 
 
 @pytest.mark.parametrize("name", SMALL + ("lrp",))
 @pytest.mark.parametrize("mode", ["standard", "sum"])
 def test_gradient_invariant_small(name, mode):
+    # "sum" with the exact DC max pooling does not keep the invariant: see the test below
+    pools = ("wta", "dc") if mode == "standard" else ("wta",)
     for alpha in ALPHAS:
-        for maxpool in ("wta", "dc"):
-            _check_invariant(run(name, alpha=alpha, relu_backward=mode, maxpool=maxpool))
+        for maxpool in pools:
+            _check_invariant(run(name, alpha=alpha, relu_backward=mode, maxpool=maxpool),
+                             min_resolved=len(graph_of(name).ops) // 2)
     _check_invariant(run(name, alpha=0.35, relu_backward=mode, stabilize="none"))
     _check_invariant(run(name, alpha=0.35, relu_backward=mode, alpha_mode="frobenius"))
     _check_invariant(run(name, alpha=0.35, relu_backward=mode, fold_bn=False))
 
 
+def test_sum_mode_with_dc_maxpool_breaks_invariant():
+    """Finding: the dc max-pool backward (delta_n gets sum(delta_P + delta_N) minus the argmax
+    share) keeps dpp - dnp - dpn + dnn only when the pair sums of g and h agree, which holds
+    in "standard" mode but not in "sum" mode. At alpha = 0.5 the pair sums vanish at the pool
+    outputs (they enter shifted convs) and the invariant is back."""
+    res = run("explicit_chain", alpha=0.0, relu_backward="sum", maxpool="dc")
+    dpp, dnp, dpn, dnn = res.sens["input"]
+    err = (dpp - dnp - dpn + dnn - res.grad["input"]).abs().max()
+    assert err > 1e-2 * res.grad["input"].abs().max()
+    _check_invariant(run("explicit_chain", alpha=0.5, relu_backward="sum", maxpool="dc"))
+
+
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("mode", ["standard", "sum"])
 def test_gradient_invariant_resnet18(alpha, mode):
-    res = run("resnet18", alpha=alpha, relu_backward=mode)
-    _check_invariant(res)
-    assert len(res.sens) > 60
+    res = run("resnet18", alpha=alpha, relu_backward=mode, lrp=False)
+    _check_invariant(res, min_resolved=5 if alpha == 0 else 40)
+    assert len(res.sens) > 40
 
 
 @pytest.mark.parametrize("maxpool", ["wta", "dc"])
@@ -505,7 +569,7 @@ def test_explicit_split_frobenius_alpha():
     alphas = []
     for m in mods:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            alphas.append(max(0.0, (1 - 1 / float(m.weight.norm())) / 2))
+            alphas.append(max(0.0, (1 - 1 / float(m.weight.detach().norm())) / 2))
         else:
             alphas.append(0.3)
     check_against_explicit(res, "explicit_chain", alphas=alphas, relu="standard",
@@ -514,18 +578,17 @@ def test_explicit_split_frobenius_alpha():
 
 @functools.lru_cache(maxsize=None)
 def _tie_net():
-    """A chain with exact-zero pre-activations (zero weights and bias on some channels)."""
+    """A chain with exact-zero pre-activations: zero conv biases and an all-zero input patch."""
     with torch.random.fork_rng():
         torch.manual_seed(7)
         m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
                           nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(6 * 16 * 16, 4), nn.ReLU(), nn.Linear(4, 3))
         with torch.no_grad():
-            m[0].weight[:2] = 0
-            m[0].bias[:2] = 0
-            m[3].weight[4:] = 0
-            m[3].bias[4:] = 0
+            m[0].bias.zero_()
+            m[3].bias.zero_()
         x = torch.randn(2, 3, 32, 32)
+        x[:, :, 6:20, 8:22] = 0
     return m.eval(), x
 
 
@@ -681,8 +744,9 @@ def layercam_by_hooks(name, module, call, target):
     f = m(x.double())
     hd.remove()
     f.gather(1, target[:, None]).sum().backward()
-    a = store[call]
-    return F.relu((F.relu(a.grad) * a).sum(1)), a.detach(), a.grad
+    a = store[call].detach()
+    ga = store[call].grad
+    return F.relu((F.relu(ga) * a).sum(1)), a, ga
 
 
 @pytest.mark.parametrize("name,module,call,key", [
@@ -702,18 +766,16 @@ def test_splitcam_is_half_layercam_at_alpha_half(name, module, call, key):
     close(ref.splitcam(res, key), 0.5 * lc, scale=sc, msg="SplitCAM (sum) vs LayerCAM/2")
 
 
-def test_splitcam_alpha_independent_in_standard_mode():
-    """A consequence of docs/method.md: in standard mode sigma_g == sigma_h, hence
-    dpp - dpn == dnn - dnp == grad/2 at every alpha, and SplitCAM does not depend on alpha."""
+def test_splitcam_depends_on_alpha_in_standard_mode():
+    """SplitCAM weights the streams by dpp + dnn = sigma + grad/2; sigma scales with alpha, so
+    the maps differ between alpha = 0 and 0.5 (the per-stream f-sensitivities dpp - dpn and
+    dnn - dnp would not: both equal grad/2 at every alpha in standard mode)."""
     keys = ["act", "pool", "r6", "bnu"]
-    base = run("block", alpha=0.5)
-    for alpha in (0.0, 0.35):
-        res = run("block", alpha=alpha)
-        for key in keys:
-            close(ref.splitcam(res, key), ref.splitcam(base, key), msg=key)
-    # in "sum" mode alpha does enter SplitCAM
-    a, b = run("block", alpha=0.0, relu_backward="sum"), run("block", alpha=0.5, relu_backward="sum")
+    a, b = run("block", alpha=0.0), run("block", alpha=0.5)
     assert any(not torch.allclose(ref.splitcam(a, k), ref.splitcam(b, k)) for k in keys)
+    for key in keys:
+        dpp, dnp, dpn, dnn = a.sens[key]
+        close(dpp - dpn, dnn - dnp, msg=key)
 
 
 @pytest.mark.parametrize("name", ["lrp", "resnet18_nobias"])
@@ -813,12 +875,24 @@ def test_heads_shapes_targets_and_upsample():
 
 def test_layer_keys_vgg16():
     """Index N is the tensor entering torchvision vgg16.features[N]; N:out the one leaving it."""
+    class SmallHeadVGG16(nn.Module):  # torchvision's vgg16 features, a small classifier
+        def __init__(self):
+            super().__init__()
+            self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 10))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
     with torch.random.fork_rng():
         torch.manual_seed(13)
-        m = torchvision.models.vgg16()
-        m.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 10))
+        m = SmallHeadVGG16().eval()
         x = torch.randn(1, 3, 32, 32)
-    m.eval()
+    assert [type(l).__name__ for l in m.features] == (
+        ["Conv2d", "ReLU"] * 2 + ["MaxPool2d"] + ["Conv2d", "ReLU"] * 2 + ["MaxPool2d"]
+        + (["Conv2d", "ReLU"] * 3 + ["MaxPool2d"]) * 3
+    )
     ins, outs = {}, {}
     md = copy.deepcopy(m).double()
     for i, layer in enumerate(md.features):

@@ -45,18 +45,23 @@ class ConvMap(LinearMap):
         return weight_variant(self.comp, c, variant)
 
     def _flipped(self, variant):
-        """Kernel of the adjoint as a stride-1 Conv: swap in/out channels per group, flip space."""
-        def make():
+        """Kernel of the adjoint as a stride-1 Conv: in/out channels swapped per group, space
+        flipped. Built once from W; the variants are taken of the flipped kernel."""
+        def make_base():
             b, g = self.b, self.group
-            w = weight_variant(self.comp, self.w, variant)
-            w5 = b.reshape(w, [g, self.cout // g, self.cin_g] + self.k)
-            wt = b.op("Transpose", [w5], perm=[0, 2, 1] + list(range(3, 3 + self.nd)))
-            wt = b.reshape(wt, [g * self.cin_g, self.cout // g] + self.k)
+            w = self.w
             axes = list(range(2, 2 + self.nd))
+            if g > 1:
+                w5 = b.reshape(w, [g, self.cout // g, self.cin_g] + self.k)
+                wt = b.op("Transpose", [w5], perm=[0, 2, 1] + list(range(3, 3 + self.nd)))
+                wt = b.reshape(wt, [g * self.cin_g, self.cout // g] + self.k)
+            else:
+                wt = b.op("Transpose", [w], perm=[1, 0] + axes)
             big = 2 ** 62
             return b.slice(wt, [-1] * self.nd, [-big] * self.nd, axes, [-1] * self.nd,
-                           hint=f"{self.w}::flipT.{variant}")
-        return self.comp.cached(("flipT", self.w, variant), make)
+                           hint=f"{self.w}::flipT")
+        base = self.comp.cached(("flipT", self.w), make_base)
+        return weight_variant(self.comp, base, variant)
 
     def transpose(self, ct, variant="W"):
         b = self.b

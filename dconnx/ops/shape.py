@@ -128,28 +128,11 @@ def split_concat(comp, node):
     set_streams(comp, y, P, N, recenter=False)
 
 
-class ConcatPieceMap(LinearMap):
-    """y = concat(..., x_i, ...) seen from input i: the adjoint slices piece i."""
-    kind = "move"
-    nonneg = True
-
-    def __init__(self, comp, node, i, axis, start, stop):
-        super().__init__(comp, node, node.input[i], node.output[0])
-        self.axis, self.start, self.stop = axis, start, stop
-
-    def transpose(self, ct, variant="W"):
-        return self.b.slice(ct, [self.start], [self.stop], [self.axis], hint=f"{self.x}::concatT")
-
-
 @backward_rule("Concat")
 def backward_concat(comp, node, rs, cts):
-    axis, sizes, offsets = _concat_offsets(comp, node)
-    out = []
-    for i, name in enumerate(node.input):
-        if comp.view.is_data(name):
-            lin = ConcatPieceMap(comp, node, i, axis, int(offsets[i]), int(offsets[i + 1]))
-            out.append((name, rs.linear(cts[0], lin)))
-    return out
+    axis, sizes, _ = _concat_offsets(comp, node)
+    pieces = rs.move_multi(cts[0], lambda t: comp.b.split(t, sizes, axis, hint=f"{node.output[0]}::concatT"))
+    return [(name, piece) for name, piece in zip(node.input, pieces) if comp.view.is_data(name)]
 
 
 # -- Split: one input, several outputs -------------------------------------

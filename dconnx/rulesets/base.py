@@ -36,6 +36,12 @@ class RuleSet:
         """α-shift at a shift point; rule sets without one pass the cotangent on."""
         return ct
 
+    def move_multi(self, ct: tuple, pieces) -> list[tuple]:
+        """A data-movement adjoint with several results (e.g. one Split for a Concat's
+        inputs): `pieces(tensor) -> [names]` is applied to every part alike."""
+        per_part = [pieces(part) for part in ct]
+        return [tuple(parts) for parts in zip(*per_part)]
+
     # -- shared ------------------------------------------------------------
     def accumulate(self, cts: list[tuple], name: str) -> tuple:
         """Sum of the contributions that reach one tensor from its consumers."""

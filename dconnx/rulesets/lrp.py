@@ -56,10 +56,8 @@ class SplitLRP(RuleSet):
 
     def relu(self, ct, node):
         RP, RN = ct
-        b = self.b
         m = self.mask(node)
-        kept = b.mul(m, RP)
-        return (kept, b.add(b.sub(RP, kept), RN))
+        return (self.comp.where(m, RP), self.comp.where(m, RN, self.b.add(RP, RN)))
 
     def maxpool(self, ct, win):
         RP, RN = ct

@@ -40,20 +40,16 @@ class SplitSensitivities(RuleSet):
 
     def relu(self, ct, node):
         a, d = ct
-        b = self.b
+        b, where = self.b, self.comp.where
         m = self.mask(node)
         if self.mode == "standard":
             if self.layout == "grad":
-                return (a, b.mul(m, d))
-            # d' = m ⊙ (d + a) − a
-            return (a, b.sub(b.mul(m, b.add(d, a)), a))
+                return (a, where(m, d))
+            return (a, where(m, d, b.neg(a)))          # d' = m ⊙ (d + a) − a
         if self.mode == "sum":
-            # a' = a − (1 − m) ⊙ d,  d' = m ⊙ d
-            md = b.mul(m, d)
-            return (b.add(a, b.sub(md, d)), md)
-        # mask_diff: a' = m ⊙ a + (m − 1) ⊙ d,  d' = (m − 1) ⊙ a + m ⊙ d
-        m1 = b.sub(m, b.scalar(1.0))
-        return (b.add(b.mul(m, a), b.mul(m1, d)), b.add(b.mul(m1, a), b.mul(m, d)))
+            return (where(m, a, b.sub(a, d)), where(m, d))   # a' = a − (1 − m) d, d' = m d
+        # mask_diff: a' = m a + (m − 1) d, d' = (m − 1) a + m d
+        return (where(m, a, b.neg(d)), where(m, d, b.neg(a)))
 
     def maxpool(self, ct, win):
         a, d = ct

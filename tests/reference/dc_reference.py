@@ -19,6 +19,28 @@ Usage::
     m = ref.splitgrad(res, 5)          # [B, h, w]
     m = ref.upsample(m, x.shape[-2:])  # [B, H, W]
 
+Result (``DCResult``, float64): ``logits`` f [B, K]; ``g``, ``h`` (output streams);
+``target`` LongTensor [B]; per kept key: ``streams`` (p, n) as consumed (after
+recentering), ``pre_streams`` (P, N) of the producing op before recentering,
+``sens`` (dpp, dnp, dpn, dnn), ``relevance`` (Rg_p, Rg_n, Rh_p, Rh_n), ``grad``
+(plain autograd of f_target of the canonical / BN-folded model), ``acts`` (the
+plain activation), ``lrp_sums`` (total g- and h-relevance per sample); and
+``graph`` (the CanonicalGraph), ``keys`` (key -> tensor id), ``alphas`` (alpha
+used at each shifted op), ``options``.
+
+The sensitivities at a tensor are the partial derivatives (g: seeded with
+0.5*g_k, h: 0.5*h_k) with respect to that tensor's streams as independent
+variables, summed over all its consumers, each consumer's alpha-shift applied.
+They are the same before and after recentering (identity backward).
+
+Layer keys: "input"; an int N or "N" (tensor entering op N of the canonical
+chain, counted like torchvision ``vgg16.features[N]``: every canonical op
+counts, removed ops (Dropout, Identity, folded BN, identity adaptive pooling)
+do not; defined while each op has a single data input and its input a single
+consumer); "N:out" (the tensor leaving op N); an fx node name; a module
+qualified name (if called once); a canonical tensor name (``graph.tensor_names``,
+e.g. "r6.relu_lo" for the pieces of a decomposed op); or layers="all".
+
 Canonical op kinds (docs/method.md §1):
 
 ==========  ===================================================  =====  ========
@@ -36,7 +58,8 @@ move        flatten/view/reshape/cat/permute/squeeze/getitem     no     no
 Removed: Dropout, Identity, identity AdaptiveAvgPool2d, contiguous/clone,
 and a trailing Softmax/LogSoftmax (the maps explain its input).
 Clip / ReLU6 / Hardtanh(a, b): ``relu(x - a) - relu(x - b) + a`` (for a = 0:
-Relu, constant affine ``x - b``, Relu, Sub).
+Relu, constant affine ``x - b``, Relu, Sub). LeakyReLU(s): ``s*x + (1 - s)*relu(x)``
+(Relu, constant affines, Add).
 """
 from __future__ import annotations
 
@@ -367,6 +390,14 @@ class _Builder:
                       desc=f"clip({lo}, {hi})")
         return s if lo == 0 else self.affine(node, s, 1.0, lo)
 
+    def leaky(self, node, src: _T, slope):
+        """LeakyRelu(s): s*x + (1 - s)*Relu(x) (Relu, two constant affines, Add)."""
+        slope = float(slope)
+        r = self.emit("relu", [src.tid], node, suffix=".relu")
+        a = self.affine(node, r, 1.0 - slope, None, suffix=".scale_relu")
+        b = self.affine(node, src, slope, None, suffix=".scale_x")
+        return self.emit("add", [b.tid, a.tid], node, desc=f"leaky_relu({slope})")
+
     def maxpool(self, node, src: _T, kernel_size, stride=None, padding=0, dilation=1,
                 ceil_mode=False, return_indices=False):
         if return_indices:
@@ -446,6 +477,8 @@ class _Builder:
             return self.clip(node, src, 0.0, 6.0)
         if isinstance(m, nn.Hardtanh):
             return self.clip(node, src, m.min_val, m.max_val)
+        if isinstance(m, nn.LeakyReLU):
+            return self.leaky(node, src, m.negative_slope)
         if isinstance(m, nn.MaxPool2d):
             return self.maxpool(node, src, m.kernel_size, m.stride, m.padding, m.dilation,
                                 m.ceil_mode, m.return_indices)
@@ -529,8 +562,24 @@ class _Builder:
         if tgt is getattr and node.args[1] in ("shape", "ndim", "dtype", "device"):
             return getattr(self.vals[a0.tid], node.args[1])
 
+        if fname in ("add", "iadd", "sub", "isub", "rsub", "mul", "imul", "truediv", "div",
+                     "itruediv", "neg", "pos"):
+            return self.arith(node, fname, args, kwargs)
+        if fname in ("cat", "concat", "concatenate"):
+            ts = args[0] if args else kwargs["tensors"]
+            dim = self.cval(_get(args, kwargs, 1, "dim", 0))
+            if not all(isinstance(t, _T) for t in ts):
+                raise UnsupportedModelError(f"{node.name}: cat of data and constant tensors")
+            if dim == 0:
+                raise UnsupportedModelError(f"{node.name}: cat along the batch axis")
+            return self.nonneg("move", node, list(ts), lambda *t: torch.cat(t, dim), f"cat dim {dim}")
+        if not isinstance(a0, _T):
+            raise UnsupportedModelError(f"{node.name}: {name!r} with a constant first operand")
+
         if fname == "relu":
             return self.emit("relu", [a0.tid], node)
+        if fname == "leaky_relu":
+            return self.leaky(node, a0, self.cval(_get(args, kwargs, 1, "negative_slope", 0.01)))
         if fname in ("relu6",):
             return self.clip(node, a0, 0.0, 6.0)
         if fname == "hardtanh":
@@ -566,14 +615,6 @@ class _Builder:
         if fname in ("flatten", "view", "reshape", "squeeze", "unsqueeze", "permute",
                      "transpose", "expand_as", "view_as", "reshape_as") or tgt is operator.getitem:
             return self.movement(node, fname, tgt, args, kwargs, a0)
-        if fname == "cat" or fname == "concat" or fname == "concatenate":
-            ts = args[0] if args else kwargs["tensors"]
-            dim = self.cval(_get(args, kwargs, 1, "dim", 0))
-            if not all(isinstance(t, _T) for t in ts):
-                raise UnsupportedModelError(f"{node.name}: cat of data and constant tensors")
-            if dim == 0:
-                raise UnsupportedModelError(f"{node.name}: cat along the batch axis")
-            return self.nonneg("move", node, list(ts), lambda *t: torch.cat(t, dim), f"cat dim {dim}")
         if fname in ("mean", "sum"):
             dim = self.cval(_get(args, kwargs, 1, "dim", None))
             keep = bool(self.cval(_get(args, kwargs, 2, "keepdim", False)))
@@ -586,9 +627,6 @@ class _Builder:
             red = torch.mean if fname == "mean" else torch.sum
             return self.nonneg("pool", node, [a0], lambda t: red(t, dims, keepdim=keep),
                                f"{fname} over {dims}")
-        if fname in ("add", "iadd", "sub", "isub", "rsub", "mul", "imul", "truediv", "div",
-                     "itruediv", "neg", "pos"):
-            return self.arith(node, fname, args, kwargs)
         raise UnsupportedModelError(f"{node.name}: {node.op} {name!r} is not supported")
 
     def movement(self, node, fname, tgt, args, kwargs, a0):
@@ -756,7 +794,10 @@ def _bn_affine(bn):
 def canonicalize(model: nn.Module, x: torch.Tensor, fold_bn: bool = True) -> CanonicalGraph:
     """Trace ``model`` (a float64 eval-mode copy) and build the canonical graph for input x."""
     model = copy.deepcopy(model).to(DTYPE).eval()
-    gm = fx.symbolic_trace(model)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # data-dependent control flow etc.
+        raise UnsupportedModelError(f"torch.fx could not trace the model: {e}") from e
     with torch.no_grad():
         return _Builder(gm, x.detach().to(DTYPE), fold_bn).build()
 
@@ -947,13 +988,17 @@ def _alpha_for(op: Op, alpha: float, alpha_mode: str) -> float:
 def run(model: nn.Module, x: torch.Tensor, target=None, *, alpha: float = 0.35,
         relu_backward: str = "standard", maxpool: str = "wta", stabilize: str = "recenter",
         ties: str = "strict", fold_bn: bool = True, alpha_mode: str = "constant",
-        lrp_epsilon: float = 1e-6, layers=None, graph: CanonicalGraph | None = None) -> DCResult:
+        lrp_epsilon: float = 1e-6, layers=None, graph: CanonicalGraph | None = None,
+        lrp: bool = True) -> DCResult:
     """Evaluate the DC decomposition of ``model`` at ``x`` (float64).
 
     layers: keys whose values are kept besides "input": an int N / "N" (tensor
     entering op N of the canonical chain), "N:out" (leaving op N), an fx node
     name or module qualified name, a canonical tensor name, or the string
     "all" (every tensor of the canonical graph, keyed by canonical name).
+    graph: a CanonicalGraph from canonicalize(model, x, fold_bn) to reuse
+    (it must have been built with the same fold_bn and input shape).
+    lrp: False skips SplitLRP (res.relevance and res.lrp_sums stay empty).
     """
     if relu_backward not in ("standard", "sum", "mask_diff"):
         raise ValueError(f"relu_backward={relu_backward!r}")
@@ -969,7 +1014,7 @@ def run(model: nn.Module, x: torch.Tensor, target=None, *, alpha: float = 0.35,
         raise ValueError("alpha must be in [0, 0.5]")
     options = dict(alpha=float(alpha), relu_backward=relu_backward, maxpool=maxpool,
                    stabilize=stabilize, ties=ties, fold_bn=fold_bn, alpha_mode=alpha_mode,
-                   lrp_epsilon=lrp_epsilon)
+                   lrp_epsilon=lrp_epsilon, lrp=lrp)
 
     x = x.detach().to(DTYPE)
     G = graph if graph is not None else canonicalize(model, x, fold_bn=fold_bn)
@@ -1044,11 +1089,12 @@ def run(model: nn.Module, x: torch.Tensor, target=None, *, alpha: float = 0.35,
 
     # ---- SplitLRP ------------------------------------------------------------
     gd, hd = g.detach(), h.detach()
-    onehot = torch.zeros_like(gd).scatter_(1, tgt[:, None], 1.0)
-    Rg = _lrp(G, Sd, pred, idxs, (gd * onehot, torch.zeros_like(gd)), maxpool, ties,
-              lrp_epsilon, kept)
-    Rh = _lrp(G, Sd, pred, idxs, (torch.zeros_like(hd), hd * onehot), maxpool, ties,
-              lrp_epsilon, kept)
+    if lrp:
+        onehot = torch.zeros_like(gd).scatter_(1, tgt[:, None], 1.0)
+        Rg = _lrp(G, Sd, pred, idxs, (gd * onehot, torch.zeros_like(gd)), maxpool, ties,
+                  lrp_epsilon, kept)
+        Rh = _lrp(G, Sd, pred, idxs, (torch.zeros_like(hd), hd * onehot), maxpool, ties,
+                  lrp_epsilon, kept)
 
     def _bsum(t):
         return t.reshape(t.shape[0], -1).sum(1)
@@ -1064,8 +1110,10 @@ def run(model: nn.Module, x: torch.Tensor, target=None, *, alpha: float = 0.35,
         res.sens[k] = sens_t[t]
         res.grad[k] = grad_t[t]
         res.acts[k] = act_t[t]
-        res.relevance[k] = Rg[t] + Rh[t]
-        res.lrp_sums[k] = (_bsum(Rg[t][0]) + _bsum(Rg[t][1]), _bsum(Rh[t][0]) + _bsum(Rh[t][1]))
+        if lrp:
+            res.relevance[k] = Rg[t] + Rh[t]
+            res.lrp_sums[k] = (_bsum(Rg[t][0]) + _bsum(Rg[t][1]),
+                               _bsum(Rh[t][0]) + _bsum(Rh[t][1]))
     return res
 
 
@@ -1144,10 +1192,11 @@ def splitgrad(res: DCResult, key) -> torch.Tensor:
 
 
 def splitcam(res: DCResult, key) -> torch.Tensor:
-    """SplitCAM = ReLU( sum_c [ReLU(dpp - dpn) * p + ReLU(dnn - dnp) * n] )."""
+    """SplitCAM = ReLU( sum_c [ReLU(dpp + dnn) * p + ReLU(dpp + dnn) * n] )  (docs/method.md §4)."""
     dpp, dnp, dpn, dnn = res.sens[key]
     p, n = res.streams[key]
-    return F.relu(channel_sum(F.relu(dpp - dpn) * p + F.relu(dnn - dnp) * n))
+    s = F.relu(dpp + dnn)
+    return F.relu(channel_sum(s * p + s * n))
 
 
 def splitlrp(res: DCResult, key) -> torch.Tensor:

@@ -90,6 +90,7 @@ class Compilation:
     target_resolved: str = ""     # int64 [batch]: the explained class per sample
     seed: str = ""                # one-hot [batch, classes] of the explained logit
     shift_factor: str = ""        # 1 − 2α, from the alpha input
+    zero_streams: set = field(default_factory=set)   # stream tensors that are structurally 0
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -132,9 +133,14 @@ class Compilation:
     def pre_stream(self, name: str) -> StreamPair:
         return self.pre_streams.get(name) or self.stream(name)
 
+    def is_zero(self, stream: str) -> bool:
+        return stream in self.zero_streams
+
     def stream_sum(self, name: str) -> str:
         """p + n of a tensor (|x| under recentering)."""
         sp = self.stream(name)
+        if self.is_zero(sp.n):
+            return sp.p
         return self.cached(("S", name), lambda: self.b.add(sp.p, sp.n, hint=f"{name}::S"))
 
     def mask(self, x: str) -> str:

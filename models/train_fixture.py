@@ -154,7 +154,7 @@ def export(model: nn.Module, path: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     print(f"onnxruntime test accuracy {onnx_acc:.4f}; max rel diff to torch {rel:.2e}")
     assert rel < 1e-4
 
-    cmd = "python models/train_fixture.py"
+    cmd = ".venv/bin/python models/train_fixture.py"
     defaults = ap.parse_args([])
     extra = [f"--{k} {v}" for k, v in vars(args).items() if k != "out" and v != getattr(defaults, k)]
     meta = {
@@ -197,7 +197,8 @@ def main(argv=None) -> None:
         "input_shape": ["batch", 3, DATA["size"], DATA["size"]],
         "output_shape": ["batch", DATA["n_classes"]],
         "class_names": list(CLASS_NAMES[:DATA["n_classes"]]),
-        "normalization": {"mean": [float(v) for v in MEAN], "std": [float(v) for v in STD],
+        "normalization": {"mean": [round(float(v), 6) for v in MEAN],
+                          "std": [round(float(v), 6) for v in STD],
                           "note": "make_dataset already returns normalized images"},
         "dataset": {"generator": "dconnx.eval.synthetic.make_dataset", **DATA},
         "test_accuracy": round(onnx_acc, 4),

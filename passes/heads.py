@@ -100,7 +100,7 @@ class Heads(Pass):
             return b.relu(b.reduce_sum(weighted, [1], keepdims=0), hint="dc/splitcam_sum")
         if head.method == "splitlrp":
             rs = comp.rulesets["splitlrp"]
-            rel = rs.map_at(comp.cotangents[("splitlrp", head.tensor)])
+            rel = rs.map_at(comp.cotangents[("splitlrp", head.tensor)], like=head.tensor)
             return b.reduce_sum(rel, [1], keepdims=0, hint="dc/splitlrp_sum")
         raise OptionError(f"no head for method '{head.method}'")
 
@@ -146,10 +146,8 @@ class Heads(Pass):
             items += list(zip(("dpp", "dnp", "dpn", "dnn"), comp.rulesets["split"].four(ct)))
         ct = comp.cotangents.get(("splitlrp", t))
         if ct is not None:
-            B = comp.batch_size()
             for part, name in zip(ct, ("Rp", "Rn")):
-                g, h = b.op("Split", [part, b.concat([B, B], 0)], out=2, axis=0)
-                items += [(f"g{name}", g), (f"h{name}", h)]
+                items.append((name, part if part is not None else b.zeros_like(t)))
         for suffix, tensor in items:
             out = b.fresh(f"{t}::{suffix}", exact=True)
             b.op("Identity", [tensor], out=out)

@@ -15,6 +15,8 @@ def split_relu(comp, node):
     y = node.output[0]
     P = comp.b.op("Max", [sp.p, sp.n], hint=f"{y}::P")
     set_streams(comp, y, P, sp.n, recenter=True)
+    if comp.opts.stabilize == "recenter":
+        comp.zero_streams.add(comp.stream(y).n)     # max(P, N) ≥ N: nothing is left on n
 
 
 @backward_rule("Relu")

@@ -1,9 +1,14 @@
 """SplitLRP: ε-LRP through the nonnegative stream graph (docs/method.md §4).
 
-A cotangent is (R_p, R_n): the relevance on the p- and n-stream of a tensor,
-each stacked [g-relevance; h-relevance] on the batch axis. Denominators are
+A cotangent is (R_p, R_n): relevance on the p- and the n-stream of a tensor.
+Every rule is linear in the relevance (the ε-rule's ratios use fixed forward
+values), so instead of propagating g-relevance and h-relevance separately and
+subtracting at the end, one state is propagated from the seed
+(R_P, R_N) = (g_k, −h_k) at the explained logit: at every tensor it holds
+g-relevance minus h-relevance, which is what the map needs. Denominators are
 each op's own output streams (before recentering); recentering passes
-relevance unchanged.
+relevance unchanged. A part that is structurally zero (the n-stream after a
+recentered Relu) is None and costs nothing.
 """
 from __future__ import annotations
 
@@ -13,82 +18,112 @@ from .base import RuleSet
 class SplitLRP(RuleSet):
     name = "splitlrp"
     parts = 2
-    slots = 2
+    slots = 1
     needs_streams = True
 
     def __init__(self, comp):
         super().__init__(comp)
         self.eps = self.b.scalar(comp.opts.lrp_epsilon)
 
-    def _streams(self, tensor, pre=False):
-        sp = self.comp.pre_stream(tensor) if pre else self.comp.stream(tensor)
-        return self.tile(sp.p), self.tile(sp.n)
+    def _denominator(self, name):
+        return self.comp.cached(("lrp_den", name), lambda: self.b.add(name, self.eps))
 
     def _ratio(self, R, Z):
-        return self.b.div(R, self.b.add(Z, self.eps))
+        return None if R is None else self.b.div(R, self._denominator(Z))
+
+    def _times(self, stream, c):
+        """stream ⊙ c, or None when the stream is structurally zero."""
+        if c is None or self.comp.is_zero(stream):
+            return None
+        return self.b.mul(stream, c)
+
+    def _add(self, a, c):
+        if a is None:
+            return c
+        if c is None:
+            return a
+        return self.b.add(a, c)
 
     def seed(self, onehot):
-        b = self.b
-        g, h = self._stream_values_at_output()
-        zero = b.zeros_like(onehot)
-        return (b.concat([b.mul(onehot, g), zero], 0, hint="lrpseed/p"),
-                b.concat([zero, b.mul(onehot, h)], 0, hint="lrpseed/n"))
-
-    def _stream_values_at_output(self):
         sp = self.comp.stream(self.comp.explained)
-        return sp.p, sp.n
+        b = self.b
+        return (b.mul(onehot, sp.p, hint="lrpseed/p"), b.neg(b.mul(onehot, sp.n), hint="lrpseed/n"))
 
     def linear(self, ct, lin):
         RP, RN = ct
         if lin.kind == "move":
-            return (lin.transpose(RP), lin.transpose(RN))
+            return tuple(None if r is None else lin.transpose(r) for r in ct)
         b = self.b
-        P, N = self._streams(lin.y, pre=True)
-        p, n = self._streams(lin.x)
-        sP, sN = self._ratio(RP, P), self._ratio(RN, N)
+        pre, post = self.comp.pre_stream(lin.y), self.comp.stream(lin.x)
+        sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
         if lin.nonneg:
-            cp, cn = lin.transpose(sP), lin.transpose(sN)
+            cp = None if sP is None else lin.transpose(sP)
+            cn = None if sN is None else lin.transpose(sN)
+        elif sN is None or sP is None:
+            s = sP if sN is None else sN          # W⁺ᵀ to its own stream, W⁻ᵀ across
+            want_p, want_n = not self.comp.is_zero(post.p), not self.comp.is_zero(post.n)
+            if sN is None:
+                cp = lin.transpose(s, "pos") if want_p else None
+                cn = lin.transpose(s, "neg") if want_n else None
+            else:
+                cp = lin.transpose(s, "neg") if want_p else None
+                cn = lin.transpose(s, "pos") if want_n else None
         else:
             cs = lin.transpose(b.add(sP, sN), "abs")
             cd = lin.transpose(b.sub(sP, sN), "W")
             cp, cn = b.half(b.add(cs, cd)), b.half(b.sub(cs, cd))
-        return (b.mul(p, cp), b.mul(n, cn))
+        return (self._times(post.p, cp), self._times(post.n, cn))
 
     def relu(self, ct, node):
         RP, RN = ct
+        if RP is None:
+            return ct
         m = self.mask(node)
-        return (self.comp.where(m, RP), self.comp.where(m, RN, self.b.add(RP, RN)))
+        routed = self.b.add(RP, RN) if RN is not None else RP
+        return (self.comp.where(m, RP),
+                self.comp.where(m, RN if RN is not None else self.b.scalar(0.0), routed))
 
     def maxpool(self, ct, win):
         RP, RN = ct
         if self.comp.opts.maxpool == "wta":
-            return (win.route(RP, 2), win.route(RN, 2))
+            return tuple(None if r is None else win.route(r) for r in ct)
         b = self.b
-        P, N = self._streams(win.y, pre=True)
-        p, n = self._streams(win.x)
-        sP, sN = self._ratio(RP, P), self._ratio(RN, N)
-        top = win.route(sP, 2)
-        return (b.mul(p, top), b.mul(n, b.sub(win.window_sum_T(b.add(sP, sN)), top)))
+        pre, post = self.comp.pre_stream(win.y), self.comp.stream(win.x)
+        sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
+        top = None if sP is None else win.route(sP)
+        spread = win.window_sum_T(self._add(sP, sN))
+        rest = spread if top is None else b.sub(spread, top)
+        return (self._times(post.p, top), self._times(post.n, rest))
 
     def sum2(self, ct, node, sign):
         RP, RN = ct
-        b = self.b
-        P, N = self._streams(node.output[0], pre=True)
-        sP, sN = self._ratio(RP, P), self._ratio(RN, N)
-        pa, na = self._streams(node.input[0])
-        pb, nb = self._streams(node.input[1])
-        ra = (b.mul(pa, sP), b.mul(na, sN))
+        pre = self.comp.pre_stream(node.output[0])
+        sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
+        a, c = self.comp.stream(node.input[0]), self.comp.stream(node.input[1])
+        ra = (self._times(a.p, sP), self._times(a.n, sN))
         if sign > 0:
-            rb = (b.mul(pb, sP), b.mul(nb, sN))
-        else:   # P = p_a + n_b, N = n_a + p_b
-            rb = (b.mul(pb, sN), b.mul(nb, sP))
-        return ra, rb
+            rc = (self._times(c.p, sP), self._times(c.n, sN))
+        else:   # P = p_a + n_c, N = n_a + p_c
+            rc = (self._times(c.p, sN), self._times(c.n, sP))
+        return ra, rc
 
-    def map_at(self, ct) -> str:
-        """Σ over the two streams of g-relevance minus h-relevance, batch-sized (channels kept)."""
-        b = self.b
+    def accumulate(self, cts, name):
+        if len(cts) == 1:
+            return cts[0]
+        out = []
+        for i in range(2):
+            parts = [c[i] for c in cts if c[i] is not None]
+            out.append(None if not parts else parts[0] if len(parts) == 1 else
+                       self.b.op("Sum", parts, hint=f"{name}::ct.lrp{i}"))
+        return tuple(out)
+
+    def move_multi(self, ct, pieces):
+        per_part = [None if part is None else pieces(part) for part in ct]
+        n = len(next(p for p in per_part if p is not None))
+        return [tuple(None if pp is None else pp[j] for pp in per_part) for j in range(n)]
+
+    def map_at(self, ct, like: str) -> str:
+        """R_p + R_n: g-relevance minus h-relevance, channels kept."""
         RP, RN = ct
-        tot = b.add(RP, RN)
-        B = self.comp.batch_size()
-        g, h = b.op("Split", [tot, b.concat([B, B], 0)], out=2, axis=0)
-        return b.sub(g, h)
+        total = self._add(RP, RN)
+        return total if total is not None else self.b.zeros_like(like)

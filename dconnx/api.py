@@ -36,7 +36,7 @@ def _options(options: Options | None, kwargs) -> Options:
             raise OptionError(f"unknown option '{k}'; known: {', '.join(sorted(known))}")
         setattr(opts, k, v)
     if isinstance(opts.methods, str):
-        from dconnx.passes.heads import parse_methods
+        from .methods import parse_methods
         opts.methods = parse_methods(opts.methods)
     opts.methods = tuple(opts.methods)
     opts.expose = tuple(opts.expose)

@@ -77,6 +77,16 @@ def cmd_ops(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+    for m in METHODS.values():
+        print(f"{m.name}\n  {m.summary}")
+        for k, v in m.params.items():
+            print(f"    {k}: {v}")
+        print(f"  matches: {m.matches}")
+    return 0
+
+
 def cmd_layers(args) -> int:
     from .compilation import Compilation, Options
     from .io import load_model, validate
@@ -142,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     sub.add_parser("ops", help="print the supported-op table").set_defaults(func=cmd_ops)
+    sub.add_parser("methods", help="list the attribution methods, their parameters and references"
+                   ).set_defaults(func=cmd_methods)
     p = sub.add_parser("layers", help="list layer indices and tensor names of a model")
     p.add_argument("model")
     p.set_defaults(func=cmd_layers)

@@ -11,9 +11,6 @@ from .errors import OptionError
 from .graph import ModelView
 from .ir import ONNX_TO_NP, GraphBuilder
 
-SPLIT_METHODS = ("splitgrad", "splitcam", "splitlrp")
-
-
 @dataclass
 class Options:
     """Every choice of a conversion, with the documented defaults."""

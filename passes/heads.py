@@ -1,8 +1,9 @@
-"""Heads: turn cotangents and streams at a layer into attribution maps.
+"""Heads: turn cotangents and forward values at a layer into attribution maps.
 
-SplitGrad, SplitCAM and SplitLRP as defined in docs/method.md §4, summed over
-channels to [batch, h, w], upsampled (bilinear, half-pixel centres) to the
-input's spatial size, optionally normalized per sample.
+Each requested method (dconnx/methods.py) names its rule set and its head;
+the map is combined over channels to [batch, h, w], upsampled (bilinear,
+half-pixel centres) to the input's spatial size and optionally normalized
+per sample.
 """
 from __future__ import annotations
 
@@ -11,18 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from dconnx.compilation import SPLIT_METHODS
 from dconnx.errors import OptionError
 from dconnx.layers import resolve_layer
-from dconnx.rulesets import SplitLRP, SplitSensitivities
+from dconnx.methods import METHODS, RULESETS, parse_methods
 
 from . import Pass, PassResult
-
-METHODS = {
-    "splitgrad": "Σ_c (δpp + δnn): the stabilized split-stream sensitivities",
-    "splitcam": "ReLU(Σ_c ReLU(δpp + δnn) ⊙ (p + n)): LayerCAM on the split streams",
-    "splitlrp": "ε-LRP through the stream graph: g-relevance minus h-relevance",
-}
 
 
 @dataclass
@@ -33,40 +27,21 @@ class Head:
     output: str = ""  # output name in the converted model
 
 
-def parse_methods(methods) -> tuple[str, ...]:
-    if isinstance(methods, str):
-        methods = [m for m in methods.split(",")]
-    out = []
-    for m in methods:
-        m = m.strip().lower()
-        if not m:
-            continue
-        if m not in METHODS:
-            raise OptionError(f"unknown method '{m}'; known: {', '.join(METHODS)}")
-        if m not in out:
-            out.append(m)
-    return tuple(out)
-
-
 def plan_heads(comp) -> None:
     tensor, desc = resolve_layer(comp.view, comp.input_name, comp.opts.layer)
     comp.heads = [Head(m, tensor, desc) for m in parse_methods(comp.opts.methods)]
 
 
-def split_layout(comp) -> str:
-    if comp.opts.relu_backward == "standard" and not comp.opts.expose:
-        return "grad"
-    return "full"
-
-
 def rulesets_for(comp):
-    methods = {h.method for h in comp.heads}
-    out = []
-    if methods & {"splitgrad", "splitcam"} or comp.opts.expose:
-        out.append(SplitSensitivities(comp, split_layout(comp)))
-    if "splitlrp" in methods:
-        out.append(SplitLRP(comp))
-    return out
+    """One rule set per kind that the requested methods (and exposed tensors) need."""
+    names = []
+    for h in comp.heads:
+        rs = METHODS[h.method].ruleset
+        if rs not in names:
+            names.append(rs)
+    if comp.opts.expose and "split" not in names:
+        names.insert(0, "split")
+    return [RULESETS[n](comp) for n in names]
 
 
 class Heads(Pass):
@@ -90,19 +65,15 @@ class Heads(Pass):
         return res
 
     def channel_map(self, comp, head: Head) -> str:
-        b = comp.b
-        if head.method in ("splitgrad", "splitcam"):
-            rs = comp.rulesets["split"]
-            sens = rs.splitgrad_sens(comp.cotangents[("split", head.tensor)])
-            if head.method == "splitgrad":
-                return b.reduce_sum(sens, [1], keepdims=0, hint="dc/splitgrad_sum")
-            weighted = b.mul(b.relu(sens), comp.stream_sum(head.tensor))
-            return b.relu(b.reduce_sum(weighted, [1], keepdims=0), hint="dc/splitcam_sum")
-        if head.method == "splitlrp":
-            rs = comp.rulesets["splitlrp"]
-            rel = rs.map_at(comp.cotangents[("splitlrp", head.tensor)], like=head.tensor)
-            return b.reduce_sum(rel, [1], keepdims=0, hint="dc/splitlrp_sum")
-        raise OptionError(f"no head for method '{head.method}'")
+        method = METHODS[head.method]
+        rs = comp.rulesets[method.ruleset]
+        ct = comp.cotangents.get((rs.name, head.tensor))
+        if ct is None:
+            raise OptionError(f"the layer {head.layer} does not influence the explained output")
+        m = method.head(comp, head.tensor, rs, ct)
+        if method.reduce == "sum":
+            m = comp.b.reduce_sum(m, [1], keepdims=0, hint=f"dc/{head.method}_sum")
+        return m
 
     def to_input_size(self, comp, m: str, in_shape, head: Head) -> str:
         b = comp.b
@@ -154,4 +125,4 @@ class Heads(Pass):
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, comp.float_type, shape))
 
 
-__all__ = ["Heads", "Head", "METHODS", "SPLIT_METHODS", "parse_methods", "plan_heads"]
+__all__ = ["Heads", "Head", "parse_methods", "plan_heads"]

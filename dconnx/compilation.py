@@ -107,8 +107,13 @@ class Compilation:
         self.b = GraphBuilder(taken, float_dtype=ONNX_TO_NP.get(elem, np.float32))
         self.b.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
+    def exposed(self) -> list[tuple[str, str]]:
+        """(spec, tensor) for every `expose` entry: a tensor name or a layer index."""
+        from .layers import resolve_layer
+        return [(spec, resolve_layer(self.view, self.input_name, spec)[0]) for spec in self.opts.expose]
+
     def exposed_tensors(self) -> list[str]:
-        return list(self.opts.expose)
+        return [t for _, t in self.exposed()]
 
     @property
     def float_type(self) -> int:

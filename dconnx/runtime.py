@@ -30,7 +30,11 @@ def default_providers() -> list[str]:
     return wanted
 
 
-def session_options(threads: int | None = None, level: str = "all", quiet: bool = True):
+MEMORY_REUSE_NODE_LIMIT = 3000
+
+
+def session_options(threads: int | None = None, level: str = "all", quiet: bool = True,
+                    memory_reuse: bool = True):
     import onnxruntime as ort
     so = ort.SessionOptions()
     if threads:
@@ -44,7 +48,27 @@ def session_options(threads: int | None = None, level: str = "all", quiet: bool 
     so.graph_optimization_level = levels[level]
     if quiet:
         so.log_severity_level = 3   # the target/alpha defaults are overridable initializers: ORT warns
+    # onnxruntime plans buffer reuse in time quadratic in the node count; above a few thousand
+    # nodes (DenseNet with all heads) that dominates session start, so it can be turned off
+    so.enable_mem_reuse = bool(memory_reuse)
     return so
+
+
+def make_session(model, providers=None, *, threads=None, optimization="all", memory_reuse="auto"):
+    """An onnxruntime session for a converted model (path or ModelProto).
+
+    memory_reuse "auto" keeps onnxruntime's buffer reuse for graphs of up to
+    MEMORY_REUSE_NODE_LIMIT nodes and turns it off above (faster start, more memory)."""
+    import onnxruntime as ort
+    if isinstance(model, onnx.ModelProto):
+        source, n_nodes = model.SerializeToString(), len(model.graph.node)
+    else:
+        source = str(model)
+        n_nodes = len(onnx.load(source, load_external_data=False).graph.node)
+    if memory_reuse == "auto":
+        memory_reuse = n_nodes <= MEMORY_REUSE_NODE_LIMIT
+    so = session_options(threads, optimization, memory_reuse=memory_reuse)
+    return ort.InferenceSession(source, so, providers=list(providers or default_providers()))
 
 
 class Explainer:
@@ -55,23 +79,21 @@ class Explainer:
     """
 
     def __init__(self, model, providers: list[str] | None = None, *, threads: int | None = None,
-                 optimization: str = "all", check_finite: bool = True):
-        import onnxruntime as ort
+                 optimization: str = "all", memory_reuse="auto", check_finite: bool = True):
         if isinstance(model, onnx.ModelProto):
-            source, meta = model.SerializeToString(), model.metadata_props
+            meta = model.metadata_props
         else:
             path = Path(model)
             if not path.is_file():
                 raise InvalidModelError(f"no converted model at '{path}'")
-            proto = onnx.load(str(path), load_external_data=False)
-            source, meta = str(path), proto.metadata_props
+            meta = onnx.load(str(path), load_external_data=False).metadata_props
         self.meta = {p.key: p.value for p in meta}
         if "dconnx.input" not in self.meta:
             raise InvalidModelError("this model was not produced by `dconnx convert` (no dconnx metadata)")
         self.providers_requested = list(providers) if providers else default_providers()
         try:
-            self.session = ort.InferenceSession(source, session_options(threads, optimization),
-                                                providers=self.providers_requested)
+            self.session = make_session(model, self.providers_requested, threads=threads,
+                                        optimization=optimization, memory_reuse=memory_reuse)
         except Exception as e:
             raise InvalidModelError(f"onnxruntime cannot load the model: {e}") from e
         self.provider = self.session.get_providers()[0]

@@ -114,8 +114,17 @@ class Canonicalize(Pass):
                 raise InvalidModelError(f"cannot upgrade opset {old} to {MIN_OPSET}: {e}") from e
             res.apply(f"upgrade_opset: {old} -> {MIN_OPSET}")
         ed = _Graph(model)
-        for rewrite in (self.constants_to_initializers, self.fold_constants, self.remove_identity,
-                        self.strip_softmax, self.static_reshape, self.flatten_to_reshape,
+        self.constants_to_initializers(ed, res)
+        ed.refresh()
+        # shapes become static stage by stage (a folded chunk makes the next Shape static)
+        for _ in range(64):
+            before = len(res.applied)
+            for rewrite in (self.fold_constants, self.fold_shape_arithmetic, self.static_reshape):
+                rewrite(ed, res)
+                ed.refresh()
+            if len(res.applied) == before:
+                break
+        for rewrite in (self.remove_identity, self.strip_softmax, self.flatten_to_reshape,
                         self.reduce_mean_to_gap, self.div_to_mul, self.gemm_normalize,
                         self.matmul_add_to_gemm, self.fold_batchnorm, self.clip_to_relu,
                         self.max_to_relu, self.leaky_to_relu, self.explicit_pads):
@@ -184,6 +193,47 @@ class Canonicalize(Pass):
                 known.add(name)
             ed.g.node.remove(node)
             res.apply(f"fold_constants: {node_label(node)} ({node.op_type})")
+
+    def fold_shape_arithmetic(self, ed: _Graph, res: PassResult):
+        """Integer arithmetic on the Shape of data tensors whose non-batch dims are static
+        (the channel split of a chunk, say): evaluated for two batch sizes, every result that
+        does not depend on the batch becomes a constant."""
+        view = ed.view
+        known = {t.name: numpy_helper.to_array(t) for t in ed.g.initializer
+                 if int(np.prod(t.dims)) <= 64}
+        vals: dict[str, tuple] = {}
+        producers = {}
+        for node in ed.g.node:
+            ins = [i for i in node.input if i]
+            if node.op_type == "Shape" and ins and view.static_shape(ins[0]) is not None:
+                shape = view.shape(ins[0])
+                a = attrs(node)
+                pair = tuple(np.asarray([batch] + list(shape[1:]), dtype=np.int64)
+                             [a.get("start", 0):a.get("end", len(shape))] for batch in (2, 3))
+                vals[node.output[0]] = pair
+                producers[node.output[0]] = node
+                continue
+            if not ins or not any(i in vals for i in ins) or not all(i in vals or i in known for i in ins):
+                continue
+            outs = [_eval_node(ed, node, {i: (vals[i][k] if i in vals else known[i]) for i in ins})
+                    for k in (0, 1)]
+            if outs[0] is None or outs[1] is None:
+                res.skip(f"fold_shape_arithmetic: {node_label(node)} — cannot evaluate")
+                continue
+            for o, v2, v3 in zip([o for o in node.output if o], outs[0], outs[1]):
+                vals[o] = (v2, v3)
+                producers[o] = node
+        consumers_outside = {i for node in ed.g.node for i in node.input
+                             if i in vals and all(o not in vals for o in node.output if o)}
+        consumers_outside |= {o.name for o in ed.g.output if o.name in vals}
+        for name in sorted(consumers_outside):
+            v2, v3 = vals[name]
+            if v2.shape == v3.shape and np.array_equal(v2, v3):
+                node = producers[name]
+                idx = list(node.output).index(name)
+                node.output[idx] = ed.fresh(f"{name}_unused")
+                ed.g.initializer.append(numpy_helper.from_array(np.asarray(v2), name))
+                res.apply(f"fold_shape_arithmetic: '{name}' = {np.asarray(v2).tolist()}")
 
     def remove_identity(self, ed: _Graph, res: PassResult):
         for node in list(ed.g.node):
@@ -468,6 +518,20 @@ class Canonicalize(Pass):
             _set_attr(node, "auto_pad", "NOTSET")
             _set_attr(node, "pads", pads)
             res.apply(f"explicit_pads: {node_label(node)} ({mode})")
+
+
+def _eval_node(ed: _Graph, node, feeds: dict):
+    """Run one node with onnx.reference on concrete inputs; None if it cannot."""
+    from onnx.reference import ReferenceEvaluator
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in feeds.items()]
+    outs = [o for o in node.output if o]
+    g = helper.make_graph([node], "eval", [], [helper.make_tensor_value_info(o, 0, None) for o in outs],
+                          initializer=inits)
+    m = helper.make_model(g, opset_imports=list(ed.model.opset_import), ir_version=ed.model.ir_version)
+    try:
+        return [np.asarray(v) for v in ReferenceEvaluator(m).run(None, {})]
+    except Exception:
+        return None
 
 
 def _set_attr(node, name, value):

@@ -60,8 +60,8 @@ class Heads(Pass):
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(
                 head.output, comp.float_type, [in_shape[0]] + list(in_shape[2:])))
             res.apply(f"{head.method} at {head.layer}")
-        for t in comp.opts.expose:
-            self.expose(comp, t)
+        for spec, t in comp.exposed():
+            self.expose(comp, t, str(spec))
         return res
 
     def channel_map(self, comp, head: Head) -> str:
@@ -106,7 +106,7 @@ class Heads(Pass):
         hi = b.reduce("ReduceMax", m, axes, keepdims=1)
         return b.div(b.sub(m, lo), b.add(b.sub(hi, lo), tiny), hint="dc/normalized")
 
-    def expose(self, comp, t: str) -> None:
+    def expose(self, comp, t: str, prefix: str) -> None:
         """Streams and the four sensitivities of tensor t as extra outputs (for tests)."""
         b = comp.b
         shape = comp.view.shape(t)
@@ -120,7 +120,7 @@ class Heads(Pass):
             for part, name in zip(ct, ("Rp", "Rn")):
                 items.append((name, part if part is not None else b.zeros_like(t)))
         for suffix, tensor in items:
-            out = b.fresh(f"{t}::{suffix}", exact=True)
+            out = b.fresh(f"{prefix}::{suffix}", exact=True)
             b.op("Identity", [tensor], out=out)
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, comp.float_type, shape))
 

@@ -39,9 +39,8 @@ def _forward_args(module):
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    from dconnx.runtime import make_session
+    return make_session(model, ["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, x: np.ndarray, **extra) -> dict:

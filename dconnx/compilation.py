@@ -25,6 +25,7 @@ class Options:
     linear_form: str = "sumdiff"       # "sumdiff" (two products) | "four" (four products)
     share_forward: bool = True         # reuse the original activations for recentered streams
     fold_batchnorm: bool = True        # False: keep BN as its own shift point (the authors' reading)
+    readable_names: bool = False       # descriptive names for generated tensors (bigger file)
     lrp_epsilon: float = 1e-6
     normalize: str = "none"            # "none" | "max" | "minmax"
     upsample: bool = True
@@ -104,7 +105,8 @@ class Compilation:
         taken.update(i.name for i in self.model.graph.input)
         taken.update(o.name for o in self.model.graph.output)
         elem = self.model.graph.input[0].type.tensor_type.elem_type if self.model.graph.input else 1
-        self.b = GraphBuilder(taken, float_dtype=ONNX_TO_NP.get(elem, np.float32))
+        self.b = GraphBuilder(taken, float_dtype=ONNX_TO_NP.get(elem, np.float32),
+                              readable=self.opts.readable_names)
         self.b.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
     def exposed(self) -> list[tuple[str, str]]:

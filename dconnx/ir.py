@@ -50,7 +50,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.:/\-]+")
 class GraphBuilder:
     """Collects nodes and initializers with names unique in the model."""
 
-    def __init__(self, taken: Iterable[str] = (), float_dtype=np.float32, prefix: str = "dc"):
+    def __init__(self, taken: Iterable[str] = (), float_dtype=np.float32, prefix: str = "dc",
+                 readable: bool = False):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._taken: set[str] = set(taken)
@@ -59,6 +60,10 @@ class GraphBuilder:
         self.float_dtype = np.dtype(float_dtype)
         self.prefix = prefix
         self.opset = 17
+        # compact names ("dc/12") keep big graphs within a few % of the original file;
+        # readable ones ("dc/<tensor>::convT.abs") help when reading a converted graph
+        self.readable = readable
+        self._serial = 0
 
     # -- names -------------------------------------------------------------
     def fresh(self, hint: str, exact: bool = False) -> str:
@@ -68,6 +73,13 @@ class GraphBuilder:
         hint as the preferred name (outputs and inputs of the converted model)."""
         if exact:
             base = hint or "t"
+        elif not self.readable:
+            while True:
+                self._serial += 1
+                cand = f"{self.prefix}/{self._serial:x}"
+                if cand not in self._taken:
+                    self._taken.add(cand)
+                    return cand
         else:
             base = _SAFE.sub("_", hint) or "t"
             if not base.startswith(self.prefix + "/"):

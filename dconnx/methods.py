@@ -99,3 +99,5 @@ register_method(Method(
     _splitlrp_head, params={"lrp_epsilon": "default 1e-6", "maxpool": "wta | dc",
                             "stabilize": "recenter | none"},
     matches="float64 reference; conserves g_k − h_k up to bias and ε shares"))
+
+from . import methods_baselines  # noqa: E402,F401  (Gradient, GradCAM, Guided BP, LRP baselines)

@@ -103,5 +103,6 @@ class Optimize(Pass):
             model.metadata_props.add(key=k, value=v)
         if comp.opts.check:
             validate(model)
+        del model.graph.value_info[:]     # onnxruntime infers them; the file stays small
         comp.result = model
         return res

@@ -7,3 +7,5 @@ Methods are data: a new attribution method is a new rule set, not a new walk.
 from .base import RuleSet  # noqa: F401
 from .split import SplitSensitivities  # noqa: F401
 from .lrp import SplitLRP  # noqa: F401
+from .gradient import PlainGradient, GuidedBackprop  # noqa: F401
+from .lrp_rules import LRPRules, Composite  # noqa: F401

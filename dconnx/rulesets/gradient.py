@@ -1,0 +1,43 @@
+"""The plain gradient and guided backprop on the original graph (docs/baselines.md).
+
+A cotangent is one tensor: ∂f_k/∂t for the explained logit k (seed e_k).
+Both rule sets transpose every linear op with its own weight W, route max
+pooling to the argmax and mask Relu with 1[x > 0]; guided backprop also drops
+the negative part of the gradient leaving every Relu (Springenberg et al.;
+Captum's GuidedBackprop). There is no α-shift: the walk's shift points pass
+the cotangent on (base class).
+"""
+from __future__ import annotations
+
+from .base import RuleSet
+
+
+class PlainGradient(RuleSet):
+    name = "gradient"
+    parts = 1
+    slots = 1
+
+    def seed(self, onehot):
+        return (onehot,)
+
+    def linear(self, ct, lin):
+        return (lin.transpose(ct[0], "W"),)
+
+    def relu(self, ct, node):
+        return (self.comp.where(self.mask(node), ct[0]),)
+
+    def maxpool(self, ct, win):
+        return (win.route(ct[0]),)
+
+    def sum2(self, ct, node, sign):
+        if sign > 0:
+            return ct, ct
+        return ct, (self.b.neg(ct[0]),)
+
+
+class GuidedBackprop(PlainGradient):
+    """Relu backward `1[x > 0] ⊙ relu(g)`: Captum's relu(grad_input) of a ReLU module."""
+    name = "guided"
+
+    def relu(self, ct, node):
+        return (self.comp.where(self.mask(node), self.b.relu(ct[0])),)

@@ -1,0 +1,280 @@
+"""Run an ONNX graph with torch ops, in the graph's own precision (float64 included).
+
+onnxruntime's CPU provider has no float64 Conv and onnx.reference is too slow for
+VGG16-sized graphs; this interpreter covers the ops of exported CNNs and of the
+graphs dconnx generates, so converted models can be checked in float64 at full size.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+_DTYPES = {1: torch.float32, 11: torch.float64, 10: torch.float16, 7: torch.int64, 6: torch.int32,
+           9: torch.bool}
+
+
+def _attrs(node):
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _pads(p, nd):
+    """ONNX pads [b1, b2, ..., e1, e2, ...] → F.pad order (last dim first)."""
+    out = []
+    for i in reversed(range(nd)):
+        out += [p[i], p[nd + i]]
+    return out
+
+
+def _conv(x, w, b, a, transpose=False):
+    nd = x.dim() - 2
+    k = a.get("kernel_shape", list(w.shape[2:]))
+    s = a.get("strides", [1] * nd)
+    d = a.get("dilations", [1] * nd)
+    p = a.get("pads", [0] * (2 * nd))
+    g = a.get("group", 1)
+    assert a.get("auto_pad", "NOTSET") in ("NOTSET", "")
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    if not transpose:
+        if p[:nd] != p[nd:]:
+            x = F.pad(x, _pads(p, nd))
+            p = [0] * (2 * nd)
+        return fn(x, w, b, s, p[:nd], d, g)
+    fnt = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+    op = a.get("output_padding", [0] * nd)
+    # torch takes symmetric padding: pad with the begin values, crop the end difference
+    y = fnt(x, w, b, s, 0, op, g, d)
+    sl = [slice(None), slice(None)]
+    for i in range(nd):
+        sl.append(slice(p[i], y.shape[2 + i] - p[nd + i]))
+    del k
+    return y[tuple(sl)]
+
+
+def _pool(x, a, kind):
+    nd = x.dim() - 2
+    k = a["kernel_shape"]
+    s = a.get("strides", [1] * nd)
+    d = a.get("dilations", [1] * nd)
+    p = a.get("pads", [0] * (2 * nd))
+    ceil = bool(a.get("ceil_mode", 0))
+    if kind == "max":
+        xp = F.pad(x, _pads(p, nd), value=-float("inf"))
+        fn = {1: F.max_pool1d, 2: F.max_pool2d}[nd]
+        y, idx = fn(xp, k, s, 0, d, ceil_mode=ceil, return_indices=True)
+        # indices into the padded plane → indices into the unpadded input, then flat over NCHW
+        coords = []
+        rem = idx
+        padded = xp.shape[2:]
+        for i in reversed(range(nd)):
+            coords.insert(0, rem % padded[i] - p[i])
+            rem = rem // padded[i]
+        flat = torch.zeros_like(idx)
+        for i in range(nd):
+            flat = flat * x.shape[2 + i] + coords[i]
+        n, c = x.shape[:2]
+        plane = int(np.prod(x.shape[2:]))
+        base = (torch.arange(n).view(-1, 1, *[1] * nd) * c + torch.arange(c).view(1, -1, *[1] * nd)) * plane
+        return y, flat + base
+    assert d == [1] * nd
+    include = bool(a.get("count_include_pad", 0))
+    if p[:nd] == p[nd:]:
+        fn = {1: F.avg_pool1d, 2: F.avg_pool2d}[nd]
+        return fn(x, k, s, p[:nd], ceil, include)
+    xp = F.pad(x, _pads(p, nd))
+    ones = F.pad(torch.ones_like(x), _pads(p, nd), value=float(include))
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d}[nd]
+    return fn(xp, k, s, 0, ceil, True) / fn(ones, k, s, 0, ceil, True)
+
+
+def _reduce(x, node, a, fn, env):
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = env[node.input[1]].tolist()
+    keep = bool(a.get("keepdims", 1))
+    if axes is None or len(axes) == 0:
+        axes = list(range(x.dim()))
+    return fn(x, dim=tuple(int(v) for v in axes), keepdim=keep)
+
+
+def _resize(x, node, a, env):
+    sizes = env[node.input[3]].tolist() if len(node.input) > 3 and node.input[3] else None
+    assert a.get("mode") == "linear" and a.get("coordinate_transformation_mode") == "half_pixel"
+    mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
+    return F.interpolate(x, size=[int(v) for v in sizes[2:]], mode=mode, align_corners=False)
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> dict:
+    """Evaluate every node in order; returns {output name: numpy array}."""
+    env: dict = {}
+    for t in model.graph.initializer:
+        env[t.name] = torch.from_numpy(np.array(numpy_helper.to_array(t)))
+    for k, v in feeds.items():
+        env[k] = torch.from_numpy(np.asarray(v))
+    with torch.no_grad():
+        for node in model.graph.node:
+            ins = [env[i] if i else None for i in node.input]
+            outs = _eval(node, ins, _attrs(node), env)
+            if not isinstance(outs, (list, tuple)):
+                outs = [outs]
+            for name, val in zip(node.output, outs):
+                if name:
+                    env[name] = val
+    return {o.name: env[o.name].numpy() for o in model.graph.output}
+
+
+def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
+    op = node.op_type
+    if op == "Conv":
+        return _conv(x[0], x[1], x[2] if len(x) > 2 else None, a)
+    if op == "ConvTranspose":
+        return _conv(x[0], x[1], x[2] if len(x) > 2 else None, a, transpose=True)
+    if op == "Gemm":
+        A = x[0].T if a.get("transA", 0) else x[0]
+        B = x[1].T if a.get("transB", 0) else x[1]
+        y = a.get("alpha", 1.0) * (A @ B)
+        return y + a.get("beta", 1.0) * x[2] if len(x) > 2 and x[2] is not None else y
+    if op == "MatMul":
+        return x[0] @ x[1]
+    simple = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div,
+              "Greater": torch.gt, "GreaterOrEqual": torch.ge, "Less": torch.lt, "Equal": torch.eq}
+    if op in simple:
+        if op == "Div" and not x[0].is_floating_point():
+            return torch.div(x[0], x[1], rounding_mode="trunc")
+        return simple[op](x[0], x[1])
+    unary = {"Neg": torch.neg, "Abs": torch.abs, "Relu": torch.relu, "Identity": lambda t: t,
+             "Sqrt": torch.sqrt, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh}
+    if op in unary:
+        return unary[op](x[0])
+    if op == "Dropout":
+        return x[0]
+    if op == "Max":
+        out = x[0]
+        for t in x[1:]:
+            out = torch.maximum(out, t)
+        return out
+    if op == "Sum":
+        out = x[0]
+        for t in x[1:]:
+            out = out + t
+        return out
+    if op == "Where":
+        return torch.where(x[0], x[1], x[2])
+    if op == "Cast":
+        return x[0].to(_DTYPES[a["to"]])
+    if op == "Concat":
+        return torch.cat(x, dim=a["axis"])
+    if op == "Split":
+        sizes = x[1].tolist() if len(x) > 1 and x[1] is not None else None
+        axis = a.get("axis", 0)
+        if sizes is None:
+            n = a.get("num_outputs", len(node.output))
+            sizes = [x[0].shape[axis] // n] * n
+        return list(torch.split(x[0], sizes, dim=axis))
+    if op == "Slice":
+        starts, ends = x[1].tolist(), x[2].tolist()
+        axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+        steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
+        out = x[0]
+        for s, e, ax, st in zip(starts, ends, axes, steps):
+            dim = out.shape[ax]
+            if st > 0:
+                s = min(max(s + dim if s < 0 else s, 0), dim)
+                e = min(max(e + dim if e < 0 else e, 0), dim)
+                out = out.narrow(ax, s, max(e - s, 0))
+            else:
+                s = min(max(s + dim if s < 0 else s, -1), dim - 1)
+                e = min(max(e + dim if e < 0 else e, -1), dim - 1)
+                idx = torch.arange(s, e, st)
+                out = out.index_select(ax, idx)
+        return out
+    if op == "Pad":
+        pads = x[1].tolist()
+        nd = x[0].dim()
+        val = float(x[2]) if len(x) > 2 and x[2] is not None else 0.0
+        return F.pad(x[0], _pads(pads, nd), value=val)
+    if op == "Reshape":
+        shape = [int(v) for v in x[1].tolist()]
+        if not a.get("allowzero", 0):
+            shape = [x[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
+        return x[0].reshape(shape)
+    if op == "Flatten":
+        ax = a.get("axis", 1)
+        return x[0].reshape(int(np.prod(x[0].shape[:ax])), -1)
+    if op == "Transpose":
+        return x[0].permute(*a["perm"])
+    if op == "Squeeze":
+        axes = x[1].tolist() if len(x) > 1 and x[1] is not None else a.get("axes")
+        out = x[0]
+        for ax in sorted((v % out.dim() for v in axes), reverse=True):
+            out = out.squeeze(ax)
+        return out
+    if op == "Unsqueeze":
+        axes = x[1].tolist() if len(x) > 1 and x[1] is not None else a.get("axes")
+        out = x[0]
+        for ax in sorted(v % (out.dim() + len(axes)) for v in axes):
+            out = out.unsqueeze(ax)
+        return out
+    if op == "MaxPool":
+        y, idx = _pool(x[0], a, "max")
+        return [y, idx] if len(node.output) > 1 else y
+    if op == "AveragePool":
+        return _pool(x[0], a, "avg")
+    if op == "GlobalAveragePool":
+        return x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True)
+    if op == "BatchNormalization":
+        shape = [1, -1] + [1] * (x[0].dim() - 2)
+        scale = x[1] / torch.sqrt(x[4] + a.get("epsilon", 1e-5))
+        return (x[0] - x[3].view(shape)) * scale.view(shape) + x[2].view(shape)
+    if op == "GatherElements":
+        return torch.gather(x[0], a.get("axis", 0), x[1])
+    if op == "ScatterElements":
+        assert a.get("reduction") == "add"
+        return x[0].scatter_add(a.get("axis", 0), x[1], x[2])
+    if op == "Gather":
+        return torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1)).reshape(
+            *x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:])
+    if op == "Mod":
+        return torch.remainder(x[0], x[1])
+    if op == "Shape":
+        s = list(x[0].shape)[a.get("start", 0):a.get("end", None)]
+        return torch.tensor(s, dtype=torch.int64)
+    if op == "ConstantOfShape":
+        value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        return torch.full([int(v) for v in x[0].tolist()], float(value.reshape(-1)[0]),
+                          dtype=torch.from_numpy(value).dtype)
+    if op == "Expand":
+        shape = [int(v) for v in x[1].tolist()]
+        return x[0].expand(*torch.broadcast_shapes(tuple(x[0].shape), tuple(shape)))
+    if op == "ReduceSum":
+        return _reduce(x[0], node, a, torch.sum, env)
+    if op == "ReduceMean":
+        return _reduce(x[0], node, a, torch.mean, env)
+    if op == "ReduceMax":
+        return _reduce(x[0], node, a, torch.amax, env)
+    if op == "ReduceMin":
+        return _reduce(x[0], node, a, torch.amin, env)
+    if op == "Resize":
+        return _resize(x[0], node, a, env)
+    if op == "OneHot":
+        depth = int(x[1])
+        idx = x[0] % depth
+        hot = F.one_hot(idx, depth).to(x[2].dtype)
+        return hot * (x[2][1] - x[2][0]) + x[2][0]
+    if op == "ArgMax":
+        return torch.argmax(x[0], dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1)))
+    if op == "Softmax":
+        return torch.softmax(x[0], dim=a.get("axis", -1))
+    if op == "Clip":
+        lo = x[1] if len(x) > 1 and x[1] is not None else None
+        hi = x[2] if len(x) > 2 and x[2] is not None else None
+        return torch.clamp(x[0], lo, hi)
+    if op == "Constant":
+        return torch.from_numpy(np.array(numpy_helper.to_array(a["value"])))
+    raise NotImplementedError(f"onnx_torch: no implementation for {op}")

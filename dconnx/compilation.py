@@ -74,7 +74,7 @@ class Compilation:
     pre_streams: dict[str, StreamPair] = field(default_factory=dict)  # an op's own output
     explained: str = ""           # the logits tensor the maps explain
     input_name: str = ""          # the data input the maps are drawn over
-    output_layer: str | None = None   # node name of the output layer (its shift is skipped)
+    output_layers: set = field(default_factory=set)   # nodes whose shift is skipped
     new_inputs: list = field(default_factory=list)
     new_outputs: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -45,7 +45,7 @@ def reverse_walk(comp, rulesets, seeds: dict, wanted: set[str]) -> dict:
     for node in reversed(list(comp.model.graph.node)):
         if node_key(node) not in relevant:
             continue
-        shift = is_shift_point(comp, node) and node_key(node) != comp.output_layer
+        shift = is_shift_point(comp, node) and node_key(node) not in comp.output_layers
         for rs in rulesets:
             outs = [total(rs, o) if o else None for o in node.output]
             if all(c is None for c in outs):

@@ -236,8 +236,13 @@ class Canonicalize(Pass):
                 res.apply(f"fold_shape_arithmetic: '{name}' = {np.asarray(v2).tolist()}")
 
     def remove_identity(self, ed: _Graph, res: PassResult):
+        """Identity, Dropout, and pooling with 1×1 windows, stride 1 and no padding (VGG's
+        adaptive pool at 224×224 exports as one) — which would otherwise count as an op."""
         for node in list(ed.g.node):
-            if node.op_type not in ("Identity", "Dropout"):
+            if node.op_type in ("AveragePool", "MaxPool") and _is_identity_pool(node):
+                if len(node.output) > 1 and node.output[1]:
+                    continue
+            elif node.op_type not in ("Identity", "Dropout"):
                 continue
             if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and \
                     ed.view.consumers.get(node.output[1]):
@@ -532,6 +537,14 @@ def _eval_node(ed: _Graph, node, feeds: dict):
         return [np.asarray(v) for v in ReferenceEvaluator(m).run(None, {})]
     except Exception:
         return None
+
+
+def _is_identity_pool(node) -> bool:
+    a = attrs(node)
+    k = list(a.get("kernel_shape", []))
+    nd = len(k)
+    return bool(k) and k == [1] * nd and list(a.get("strides", [1] * nd)) == [1] * nd and \
+        not any(a.get("pads", [0] * (2 * nd))) and a.get("auto_pad", "NOTSET") in ("NOTSET", "", "VALID")
 
 
 def _set_attr(node, name, value):

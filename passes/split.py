@@ -60,19 +60,20 @@ def choose_explained(comp) -> str:
     return name
 
 
-def find_output_layer(comp) -> str | None:
-    """The last shift-point node before the explained output (its shift is skipped)."""
-    t = comp.explained
-    while True:
-        node = comp.view.producer.get(t)
-        if node is None:
-            return None
+def find_output_layers(comp) -> set[str]:
+    """The shift-point nodes whose outputs reach the explained output through non-shift ops
+    only (on every branch); their α-shift is skipped, as the authors skip their output layer's."""
+    found, seen, stack = set(), set(), [comp.explained]
+    while stack:
+        node = comp.view.producer.get(stack.pop())
+        if node is None or node_key(node) in seen:
+            continue
+        seen.add(node_key(node))
         if is_shift_point(comp, node):
-            return node_key(node)
-        data = [i for i in node.input if i and comp.view.is_data(i)]
-        if len(data) != 1:
-            return None
-        t = data[0]
+            found.add(node_key(node))
+            continue
+        stack.extend(i for i in node.input if i and comp.view.is_data(i))
+    return found
 
 
 class Split(Pass):
@@ -90,7 +91,7 @@ class Split(Pass):
         x = view.data_inputs[0].name
         comp.input_name = x
         comp.explained = choose_explained(comp)
-        comp.output_layer = find_output_layer(comp)
+        comp.output_layers = find_output_layers(comp)
         comp.needed_nodes = ancestors(comp, comp.explained)
         comp.streams[x] = StreamPair(b.relu(x, hint=f"{x}::p"), b.relu(b.neg(x), hint=f"{x}::n"))
         for node in comp.model.graph.node:
@@ -107,5 +108,6 @@ class Split(Pass):
             out = b.fresh(name, exact=True)
             b.op("Identity", [stream], out=out, hint=f"dc/{name}")
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, ftype, shape))
-        res.notes.append(f"explaining '{comp.explained}'; output layer: {comp.output_layer}")
+        res.notes.append(f"explaining '{comp.explained}'; output layer(s): "
+                         f"{', '.join(sorted(comp.output_layers)) or 'none'}")
         return res

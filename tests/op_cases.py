@@ -121,8 +121,8 @@ CASES = [
     OpCase("slice", lambda: Lambda(lambda s, x: x[:, 1:3, 2:6]), ops=("Slice",)),
     OpCase("concat", lambda: Lambda(lambda s, x: torch.cat([x, s.c(x)], 1), c=nn.Conv2d(3, 2, 1)),
            ops=("Conv", "Concat")),
-    OpCase("split", lambda: Lambda(lambda s, x: (lambda a, b: torch.cat([torch.relu(b), a], 1))(
-        *torch.split(x, [1, 2], dim=1))), ops=("Split", "Relu", "Concat")),
+    OpCase("split", lambda: Lambda(lambda s, x: (lambda parts: torch.cat([torch.relu(parts[1]), parts[0]], 1))(
+        torch.split(x, [1, 2], dim=1))), ops=("Split", "Relu", "Concat")),
     OpCase("reshape", lambda: Lambda(lambda s, x: x.reshape(x.shape[0], -1, 2)), ops=("Reshape",)),
 ]
 

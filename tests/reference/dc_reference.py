@@ -218,14 +218,17 @@ def _neg(t):
     return (-t).clamp(min=0) if torch.is_tensor(t) else max(-t, 0.0)
 
 
-def _conv_lin(stride, padding, dilation, groups):
+def _conv_lin(stride, padding, dilation, groups, nd=2):
+    conv = {1: F.conv1d, 2: F.conv2d}[nd]
+    conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input}[nd]
+
     def lin(x, w):
-        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+        return conv(x, w, None, stride, padding, dilation, groups)
 
     def lin_t(c, w, in_shape):  # W^T c, the transposed convolution
         if isinstance(padding, str):
             return _vjp_lin_t(lin, c, w, in_shape)
-        return torch.nn.grad.conv2d_input(in_shape, w, c, stride, padding, dilation, groups)
+        return conv_input(in_shape, w, c, stride, padding, dilation, groups)
 
     return lin, lin_t
 
@@ -334,13 +337,14 @@ class _Builder:
         w = conv.weight.detach().to(DTYPE)
         b = conv.bias.detach().to(DTYPE) if conv.bias is not None else torch.zeros(w.shape[0], dtype=DTYPE)
         desc = f"conv{tuple(w.shape)} s{conv.stride} p{conv.padding} d{conv.dilation} g{conv.groups}"
+        nd = w.dim() - 2
         if bn is not None:
             s, t = _bn_affine(bn)
-            w = w * s.view(-1, 1, 1, 1)
+            w = w * s.view(-1, *[1] * (nd + 1))
             b = b * s + t
             desc += " +bn(folded)"
-        lin, lin_t = _conv_lin(conv.stride, conv.padding, conv.dilation, conv.groups)
-        return self.emit("linear", [src.tid], node, weight=w, bias=b.view(1, -1, 1, 1),
+        lin, lin_t = _conv_lin(conv.stride, conv.padding, conv.dilation, conv.groups, nd)
+        return self.emit("linear", [src.tid], node, weight=w, bias=b.view(1, -1, *[1] * nd),
                          lin=lin, lin_t=lin_t, desc=desc)
 
     def linear_dense(self, node, lin: nn.Linear, src: _T, bn: nn.BatchNorm1d | None):
@@ -391,8 +395,8 @@ class _Builder:
         return s if lo == 0 else self.affine(node, s, 1.0, lo)
 
     def leaky(self, node, src: _T, slope):
-        """LeakyRelu(s): s*x + (1 - s)*Relu(x) (Relu, two constant affines, Add)."""
-        slope = float(slope)
+        """LeakyRelu(s): s*x + (1 - s)*Relu(x) (Relu, two constant affines, Add); PReLU with a tensor s."""
+        slope = slope if torch.is_tensor(slope) else float(slope)
         r = self.emit("relu", [src.tid], node, suffix=".relu")
         a = self.affine(node, r, 1.0 - slope, None, suffix=".scale_relu")
         b = self.affine(node, src, slope, None, suffix=".scale_x")
@@ -462,6 +466,8 @@ class _Builder:
             raise UnsupportedModelError(f"{node.name}: module called with extra arguments")
         if isinstance(m, nn.Conv2d):
             return self.linear_conv(node, m, src, self.bn_to_fold(node, nn.BatchNorm2d))
+        if isinstance(m, nn.Conv1d):
+            return self.linear_conv(node, m, src, self.bn_to_fold(node, nn.BatchNorm1d))
         if isinstance(m, nn.Linear):
             bn = self.bn_to_fold(node, nn.BatchNorm1d)
             if bn is not None and self.vals[src.tid].dim() != 2:
@@ -473,6 +479,11 @@ class _Builder:
             return self.batchnorm(node, m, src)
         if isinstance(m, nn.ReLU):
             return self.emit("relu", [src.tid], node)
+        if isinstance(m, nn.PReLU):
+            w = m.weight.detach().to(DTYPE)
+            dims = self.vals[src.tid].dim()
+            slope = w.view(-1, *[1] * (dims - 2)) if w.numel() > 1 else w.reshape(())
+            return self.leaky(node, src, slope)
         if isinstance(m, nn.ReLU6):
             return self.clip(node, src, 0.0, 6.0)
         if isinstance(m, nn.Hardtanh):
@@ -573,11 +584,41 @@ class _Builder:
             if dim == 0:
                 raise UnsupportedModelError(f"{node.name}: cat along the batch axis")
             return self.nonneg("move", node, list(ts), lambda *t: torch.cat(t, dim), f"cat dim {dim}")
+        if fname == "getitem" and isinstance(a0, (tuple, list)):
+            return a0[self.cval(node.args[1])]
         if not isinstance(a0, _T):
             raise UnsupportedModelError(f"{node.name}: {name!r} with a constant first operand")
+        if fname in ("split", "chunk"):
+            size = self.cval(_get(args, kwargs, 1, "split_size_or_sections" if fname == "split" else "chunks",
+                                  None))
+            dim = self.cval(_get(args, kwargs, 2, "dim", 0)) % self.vals[a0.tid].dim()
+            if dim == 0:
+                raise UnsupportedModelError(f"{node.name}: split along the batch axis")
+            pieces = torch.split(self.vals[a0.tid], size, dim) if fname == "split" else \
+                torch.chunk(self.vals[a0.tid], size, dim)
+            out, start = [], 0
+            for j, piece in enumerate(pieces):
+                n = piece.shape[dim]
+                out.append(self.nonneg("move", node, [a0], (lambda s0, n0: lambda t: t.narrow(dim, s0, n0))(start, n),
+                                       f"{fname} piece {j}"))
+                start += n
+            return tuple(out)
 
+        if fname in ("matmul", "matmul_") and len(args) == 2 and torch.is_tensor(args[1]) \
+                and not isinstance(args[1], _T) and args[1].dim() == 2:
+            w = args[1].to(DTYPE)
+            return self.emit("linear", [a0.tid], node, weight=w, bias=torch.zeros(w.shape[1], dtype=DTYPE),
+                             lin=lambda x, w: x @ w, lin_t=lambda c, w, in_shape: c @ w.T,
+                             desc=f"matmul{tuple(w.shape)}")
         if fname == "relu":
             return self.emit("relu", [a0.tid], node)
+        if fname == "pad":
+            pad = self.cval(_get(args, kwargs, 1, "pad", None))
+            mode = self.cval(_get(args, kwargs, 2, "mode", "constant"))
+            value = self.cval(_get(args, kwargs, 3, "value", None))
+            if mode != "constant" or value not in (None, 0, 0.0):
+                raise UnsupportedModelError(f"{node.name}: only zero padding is supported")
+            return self.nonneg("move", node, [a0], lambda t: F.pad(t, list(pad)), f"pad {list(pad)}")
         if fname == "leaky_relu":
             return self.leaky(node, a0, self.cval(_get(args, kwargs, 1, "negative_slope", 0.01)))
         if fname in ("relu6",):

@@ -294,7 +294,8 @@ class Canonicalize(Pass):
             if node.op_type != "Flatten":
                 continue
             shape = view.shape(node.output[0])
-            shp = ed.add_init(np.asarray([-1, shape[1]], dtype=np.int64), f"{node.output[0]}_shape")
+            # 0 copies the batch dim, so shape inference keeps its symbol
+            shp = ed.add_init(np.asarray([0, shape[1]], dtype=np.int64), f"{node.output[0]}_shape")
             _rebuild(node, "Reshape", [node.input[0], shp], {})
             res.apply(f"flatten_to_reshape: {node_label(node)}")
 

@@ -119,3 +119,27 @@ def test_resnet18_matches_reference(alpha, maxpool):
     assert rel_err(out["g"], res.g.numpy()) < TIGHT and rel_err(out["h"], res.h.numpy()) < TIGHT
     _check(out, res, "input", "input")
     _check_heads(out, res, "input", (64, 64))
+
+
+@pytest.mark.parametrize("stabilize", ["recenter", "none"])
+@pytest.mark.parametrize("maxpool", ["wta", "dc"])
+def test_splitlrp_conserves_relevance(stabilize, maxpool):
+    """Without biases and with a tiny ε, the SplitLRP map at the input sums to g_k − h_k;
+    with biases the missing relevance is what the biases absorb (it is not conserved)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32, 5, bias=False)).double().eval()
+    x = np.random.default_rng(2).standard_normal((3, 3, 16, 16))
+    model = export(net, torch.tensor(x))
+    for eps in (1e-12, 1e-2):
+        conv = dconnx.convert(model, methods="splitlrp", stabilize=stabilize, maxpool=maxpool, lrp_epsilon=eps)
+        out = onnx_torch.run(conv, {"input": x})
+        k = out["logits"].argmax(1)
+        gk, hk = out["g"][np.arange(3), k], out["h"][np.arange(3), k]
+        total = out["splitlrp"].sum(axis=(1, 2))
+        if eps == 1e-12:
+            assert rel_err(total, gk - hk) < 1e-8
+        else:   # ε absorbs relevance: less arrives at the input, never more
+            assert np.all(np.abs(total) < np.abs(gk - hk))

@@ -45,6 +45,8 @@ def _conv(x, w, b, a, transpose=False):
         if p[:nd] != p[nd:]:
             x = F.pad(x, _pads(p, nd))
             p = [0] * (2 * nd)
+        if nd == 2 and g == x.shape[1] and w.shape[1] == 1 and x.dtype == torch.float64:
+            return _depthwise(x, w, b, s, p[:nd], d)
         return fn(x, w, b, s, p[:nd], d, g)
     fnt = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
     op = a.get("output_padding", [0] * nd)
@@ -55,6 +57,18 @@ def _conv(x, w, b, a, transpose=False):
         sl.append(slice(p[i], y.shape[2 + i] - p[nd + i]))
     del k
     return y[tuple(sl)]
+
+
+def _depthwise(x, w, b, s, p, d):
+    """Depthwise 2-D convolution via unfold (torch's float64 depthwise kernel is slow on CPU)."""
+    n, c, h, wd = x.shape
+    mult = w.shape[0] // c
+    k = w.shape[2:]
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s).view(n, c, 1, k[0] * k[1], -1)
+    y = (cols * w.view(1, c, mult, k[0] * k[1], 1)).sum(3)
+    oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    y = y.reshape(n, c * mult, oh, -1)
+    return y if b is None else y + b.view(1, -1, 1, 1)
 
 
 def _pool(x, a, kind):

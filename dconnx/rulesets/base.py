@@ -54,4 +54,8 @@ class RuleSet:
         return self.comp.tiled(name, self.slots)
 
     def mask(self, node) -> str:
-        return self.tile(self.comp.mask(node.input[0]))
+        """The Relu mask of this Relu node, tiled to the cotangent's slots. Taken from the
+        Relu's output (y > 0 ⇔ x > 0) so that onnxruntime keeps its Conv+Relu fusion;
+        ties="geq" needs x itself (x ≥ 0 is not visible in y)."""
+        src = node.output[0] if self.comp.opts.ties == "strict" else node.input[0]
+        return self.tile(self.comp.mask(src))

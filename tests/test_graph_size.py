@@ -1,0 +1,51 @@
+"""The generated graph's size, counted per original op, so that a regression that adds
+products (the runtime's cost) fails CI. Not a timing."""
+from collections import Counter
+
+import pytest
+
+import dconnx
+
+# Products per original Conv, by what the requested methods need:
+# the forward Conv itself; SplitGrad/SplitCAM: |W|ᵀ on σ and Wᵀ on ∇ (2);
+# SplitLRP: |W| on the input streams for the ε denominators (1) and two transposed products (2).
+PER_CONV = {"": 1, "splitgrad": 3, "splitcam": 3, "splitgrad,splitcam": 3, "splitlrp": 4,
+            "splitgrad,splitcam,splitlrp": 6}
+
+
+def _stream_relus(model):
+    """Relu nodes that build streams (relu(x), relu(−x), clamps) rather than the network's own."""
+    return sum(1 for n in model.graph.node if n.op_type == "Relu" and n.name.startswith("dc/"))
+
+
+def _products(model):
+    c = Counter(n.op_type for n in model.graph.node)
+    return c["Conv"] + c["ConvTranspose"], c
+
+
+CASES = [(a, e, m) for a, e in (("resnet18", "torchscript"), ("resnet18", "dynamo")) for m in PER_CONV]
+CASES += [("vgg16", "torchscript", m) for m in ("splitgrad", "splitgrad,splitcam,splitlrp")]
+
+
+@pytest.mark.parametrize("arch,exporter,methods", CASES)
+def test_products_per_conv(arch, exporter, methods, zoo_model):
+    path = zoo_model(arch, exporter)
+    original = dconnx.convert(path)                 # canonical forward + g, h: one Conv per Conv
+    n_conv, _ = _products(original)
+    converted = dconnx.convert(path, methods=methods)
+    n, counts = _products(converted)
+    assert n == PER_CONV[methods] * n_conv, (n, n_conv, counts)
+    if methods:
+        # one mask per Relu, shared by every method
+        assert counts["Greater"] == counts["Relu"] - _stream_relus(converted), counts
+
+
+def test_products_shrink_with_a_deeper_layer(zoo_model):
+    """Maps at layer 26 of VGG16 need no transposed products below it."""
+    path = zoo_model("vgg16", "torchscript")
+    full, _ = _products(dconnx.convert(path, methods="splitgrad"))
+    deep, _ = _products(dconnx.convert(path, methods="splitgrad", layer=26))
+    n_conv = 13
+    convs_above = 2   # features[26] and features[28] lie between layer 26 and the output
+    assert full == 3 * n_conv
+    assert deep == n_conv + 2 * convs_above

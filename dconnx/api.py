@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 
+import onnx
+
 from .compilation import Compilation, Options
-from .errors import DconnxError, OptionError
-from .io import load_model, save_model
+from .errors import DconnxError, InvalidModelError, OptionError
+from .io import load_model, save_model, validate
 
 
 @dataclass
@@ -43,6 +46,30 @@ def _options(options: Options | None, kwargs) -> Options:
     return opts.validate()
 
 
+def _load(model) -> onnx.ModelProto:
+    """Load and validate; a model refused only for its intermediate value_info (exporters
+    leave stale shapes there that onnxruntime ignores) is accepted without it, with a warning."""
+    try:
+        return load_model(model)
+    except InvalidModelError as first:
+        try:
+            raw = load_model(model, check=False)
+        except InvalidModelError:
+            raise first from None
+        if not raw.graph.value_info:
+            raise
+        dropped = [vi.name for vi in raw.graph.value_info]
+        del raw.graph.value_info[:]
+        try:
+            model = validate(raw)
+        except InvalidModelError:
+            raise first from None
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        warnings.warn(f"dropped {len(dropped)} stale intermediate value_info entries ({shown}); "
+                      f"the checker refused them: {first}", UserWarning, stacklevel=3)
+        return model
+
+
 def compile_model(model, options: Options | None = None, *, debug: bool = False, **kwargs):
     """Run every pass; returns (converted ModelProto, ConversionReport)."""
     from dconnx.passes.backward import Backward
@@ -54,7 +81,7 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
 
     opts = _options(options, kwargs)
     t0 = time.perf_counter()
-    comp = Compilation(load_model(model), opts)
+    comp = Compilation(_load(model), opts)
     report = ConversionReport()
     for p in (Preflight(), Canonicalize(), Split(), Backward(), Heads(), Optimize()):
         result = p(comp, debug=debug)

@@ -22,7 +22,8 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a ReLU CNN into a model that also returns attributions")
     p.add_argument("model", help="input .onnx file")
     p.add_argument("-o", "--output", required=True, help="where to write the converted .onnx file")
-    p.add_argument("--methods", default="", help="comma list of splitgrad,splitcam,splitlrp "
+    from .methods import METHODS
+    p.add_argument("--methods", default="", help=f"comma list of {','.join(METHODS)} "
                    "(default: none, only the g and h outputs)")
     p.add_argument("--layer", default=None, help="tensor name, index N (entering op N) or N:out; "
                    "default: the input")
@@ -38,6 +39,8 @@ def _add_convert(sub):
     p.add_argument("--no-fold-batchnorm", action="store_true",
                    help="keep BatchNormalization as its own shift point (the authors' reading)")
     p.add_argument("--explain-output", default=None, help="which model output to explain (default: first)")
+    p.add_argument("--channel-axis", type=int, default=None,
+                   help="channel axis of the input (default: detected, 1 for NCHW, 3 for NHWC)")
     p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "
                    "(recorded for `dconnx explain`)")
     p.add_argument("--std", default=None, help="input normalization std (recorded for `dconnx explain`)")
@@ -52,7 +55,7 @@ def cmd_convert(args) -> int:
         maxpool=args.maxpool, stabilize=args.stabilize, relu_backward=args.relu_backward, ties=args.ties,
         lrp_epsilon=args.lrp_epsilon, normalize=args.normalize, upsample=not args.no_upsample,
         output=args.explain_output, mean=_floats(args.mean), std=_floats(args.std),
-        fold_batchnorm=not args.no_fold_batchnorm)
+        fold_batchnorm=not args.no_fold_batchnorm, channel_axis=args.channel_axis)
     out = save_model(model, args.output)
     src = Path(args.model)
     size_in = src.stat().st_size + sum(f.stat().st_size for f in src.parent.glob(src.name + ".data"))

@@ -26,6 +26,7 @@ class Options:
     share_forward: bool = True         # reuse the original activations for recentered streams
     fold_batchnorm: bool = True        # False: keep BN as its own shift point (the authors' reading)
     readable_names: bool = False       # descriptive names for generated tensors (bigger file)
+    channel_axis: int | None = None    # channel axis of the input (None: detected; NCHW → 1, NHWC → 3)
     lrp_epsilon: float = 1e-6
     normalize: str = "none"            # "none" | "max" | "minmax"
     upsample: bool = True
@@ -56,6 +57,21 @@ class Options:
         return self
 
 
+def channel_last_to_first(view, tensor: str) -> int | None:
+    """rank − 1 when the tensor is channel-last and feeds the Transpose that makes it
+    channel-first ([0, r−1, 1, …, r−2], what TensorFlow and JAX exports start with)."""
+    rank = view.rank(tensor)
+    if not rank or rank < 3:
+        return None
+    to_first = [0, rank - 1] + list(range(1, rank - 1))
+    for node in view.consumers.get(tensor, []):
+        if node.op_type == "Transpose":
+            perm = [int(p) for p in next(a.ints for a in node.attribute if a.name == "perm")]
+            if perm == to_first:
+                return rank - 1
+    return None
+
+
 @dataclass
 class StreamPair:
     """The two nonnegative streams of one tensor, x = p - n (tensor names)."""
@@ -74,6 +90,7 @@ class Compilation:
     pre_streams: dict[str, StreamPair] = field(default_factory=dict)  # an op's own output
     explained: str = ""           # the logits tensor the maps explain
     input_name: str = ""          # the data input the maps are drawn over
+    input_channel_axis: int = 1   # its channel axis (detected or given)
     output_layers: set = field(default_factory=set)   # nodes whose shift is skipped
     new_inputs: list = field(default_factory=list)
     new_outputs: list = field(default_factory=list)
@@ -108,6 +125,19 @@ class Compilation:
         self.b = GraphBuilder(taken, float_dtype=ONNX_TO_NP.get(elem, np.float32),
                               readable=self.opts.readable_names)
         self.b.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+    def channel_axis_of(self, tensor: str) -> int:
+        """The channel axis of a data tensor: the input's detected or given axis; 1 inside
+        the network unless the tensor feeds a Transpose that makes it channel-first."""
+        if tensor == self.input_name:
+            return self.input_channel_axis
+        return channel_last_to_first(self.view, tensor) or 1
+
+    def spatial_shape(self, tensor: str) -> list:
+        """The tensor's dims other than the batch and the channel axis."""
+        shape = self.view.shape(tensor)
+        axis = self.channel_axis_of(tensor)
+        return [d for i, d in enumerate(shape) if i not in (0, axis)]
 
     def exposed(self) -> list[tuple[str, str]]:
         """(spec, tensor) for every `expose` entry: a tensor name or a layer index."""

@@ -75,7 +75,8 @@ def _splitgrad_head(comp, tensor, rs, ct):
 def _splitcam_head(comp, tensor, rs, ct):
     b = comp.b
     weighted = b.mul(b.relu(rs.splitgrad_sens(ct)), comp.stream_sum(tensor))
-    return b.relu(b.reduce_sum(weighted, [1], keepdims=0), hint="dc/splitcam_sum")
+    axis = comp.channel_axis_of(tensor)
+    return b.relu(b.reduce_sum(weighted, [axis], keepdims=0), hint="dc/splitcam_sum")
 
 
 def _splitlrp_head(comp, tensor, rs, ct):

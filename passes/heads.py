@@ -51,14 +51,16 @@ class Heads(Pass):
         res = PassResult(self.name)
         b = comp.b
         in_shape = comp.view.shape(comp.input_name)
+        spatial = comp.spatial_shape(comp.input_name)
         for head in comp.heads:
             m = self.channel_map(comp, head)
-            m = self.to_input_size(comp, m, in_shape, head)
-            m = self.normalize(comp, m, len(in_shape) - 2)
+            m = self.to_input_size(comp, m, spatial, head)
+            m = self.normalize(comp, m, len(spatial))
             head.output = b.fresh(head.method, exact=True)
             b.op("Identity", [m], out=head.output, hint=f"dc/{head.method}")
+            out_spatial = spatial if comp.opts.upsample else comp.spatial_shape(head.tensor)
             comp.new_outputs.append(onnx.helper.make_tensor_value_info(
-                head.output, comp.float_type, [in_shape[0]] + list(in_shape[2:])))
+                head.output, comp.float_type, [in_shape[0]] + list(out_spatial)))
             res.apply(f"{head.method} at {head.layer}")
         for spec, t in comp.exposed():
             self.expose(comp, t, str(spec))
@@ -72,19 +74,18 @@ class Heads(Pass):
             raise OptionError(f"the layer {head.layer} does not influence the explained output")
         m = method.head(comp, head.tensor, rs, ct)
         if method.reduce == "sum":
-            m = comp.b.reduce_sum(m, [1], keepdims=0, hint=f"dc/{head.method}_sum")
+            m = comp.b.reduce_sum(m, [comp.channel_axis_of(head.tensor)], keepdims=0,
+                                  hint=f"dc/{head.method}_sum")
         return m
 
-    def to_input_size(self, comp, m: str, in_shape, head: Head) -> str:
+    def to_input_size(self, comp, m: str, spatial: list, head: Head) -> str:
+        """The [batch, *layer spatial] map resized (bilinear) to the input's spatial size."""
         b = comp.b
-        spatial = list(in_shape[2:])
-        rank_needed = 1 + len(spatial)
-        s = comp.view.shape(head.tensor)
-        shape = [s[0]] + list(s[2:])
-        if len(shape) != rank_needed:
-            raise OptionError(f"the layer has no spatial axes like the input's {spatial}; "
+        layer_spatial = comp.spatial_shape(head.tensor)
+        if len(layer_spatial) != len(spatial):
+            raise OptionError(f"the layer {head.layer} has no spatial axes like the input's {spatial}; "
                               "choose a convolutional layer")
-        if list(shape[1:]) == spatial or not comp.opts.upsample:
+        if list(layer_spatial) == list(spatial) or not comp.opts.upsample:
             return m
         x4 = b.unsqueeze(m, [1])
         sizes = b.concat([b.shape_of(x4, 0, 2), b.ints(spatial)], axis=0)

@@ -77,6 +77,7 @@ def metadata(comp) -> dict:
         "dconnx.version": _version(),
         "dconnx.input": comp.input_name,
         "dconnx.explained": comp.explained,
+        "dconnx.channel_axis": str(comp.input_channel_axis),
         "dconnx.methods": json.dumps([{"method": h.method, "output": h.output, "layer": h.layer,
                                        "tensor": h.tensor} for h in comp.heads]),
         "dconnx.options": json.dumps({

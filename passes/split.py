@@ -76,6 +76,19 @@ def find_output_layers(comp) -> set[str]:
     return found
 
 
+def detect_channel_axis(comp) -> int:
+    """NCHW unless the input goes through a Transpose to channel-first (an NHWC export)."""
+    x = comp.view.data_inputs[0].name
+    rank = comp.view.rank(x) or 4
+    given = comp.opts.channel_axis
+    if given is not None:
+        if not -rank < given < rank or given % rank == 0:
+            raise OptionError(f"channel_axis={given} is not a non-batch axis of the input (rank {rank})")
+        return given % rank
+    from dconnx.compilation import channel_last_to_first
+    return channel_last_to_first(comp.view, x) or 1
+
+
 class Split(Pass):
     name = "split"
 
@@ -91,6 +104,10 @@ class Split(Pass):
         x = view.data_inputs[0].name
         comp.input_name = x
         comp.explained = choose_explained(comp)
+        comp.input_channel_axis = detect_channel_axis(comp)
+        res.notes.append(f"input '{x}' {view.shape(x)}: channel axis {comp.input_channel_axis} "
+                         f"({'given' if comp.opts.channel_axis is not None else 'detected'}); maps are "
+                         f"[batch, {', '.join(str(d) for d in comp.spatial_shape(x))}]")
         comp.output_layers = find_output_layers(comp)
         comp.needed_nodes = ancestors(comp, comp.explained)
         comp.streams[x] = StreamPair(b.relu(x, hint=f"{x}::p"), b.relu(b.neg(x), hint=f"{x}::n"))

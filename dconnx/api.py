@@ -43,6 +43,8 @@ def _options(options: Options | None, kwargs) -> Options:
         opts.methods = parse_methods(opts.methods)
     opts.methods = tuple(opts.methods)
     opts.expose = tuple(opts.expose)
+    opts.collect = tuple(str(c) for c in ([opts.collect] if isinstance(opts.collect, (str, int))
+                                          else opts.collect))
     return opts.validate()
 
 

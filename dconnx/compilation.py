@@ -27,6 +27,8 @@ class Options:
     fold_batchnorm: bool = True        # False: keep BN as its own shift point (the authors' reading)
     readable_names: bool = False       # descriptive names for generated tensors (bigger file)
     channel_axis: int | None = None    # channel axis of the input (None: detected; NCHW → 1, NHWC → 3)
+    inject: str | int | None = None    # start the backward walk at this layer from an `inject` input
+    collect: tuple = ()                # layers whose per-method vectors become outputs "<method>@<layer>"
     lrp_epsilon: float = 1e-6
     normalize: str = "none"            # "none" | "max" | "minmax"
     upsample: bool = True
@@ -104,6 +106,7 @@ class Compilation:
     alpha_input: str = ""
     target_resolved: str = ""     # int64 [batch]: the explained class per sample
     seed: str = ""                # one-hot [batch, classes] of the explained logit
+    inject_input: str = ""        # the `inject` input when the walk starts at a hidden layer
     shift_factor: str = ""        # 1 − 2α, from the alpha input
     zero_streams: set = field(default_factory=set)   # stream tensors that are structurally 0
     _cache: dict = field(default_factory=dict)
@@ -143,6 +146,10 @@ class Compilation:
         """(spec, tensor) for every `expose` entry: a tensor name or a layer index."""
         from .layers import resolve_layer
         return [(spec, resolve_layer(self.view, self.input_name, spec)[0]) for spec in self.opts.expose]
+
+    def collected(self) -> list[tuple[str, str]]:
+        from .layers import resolve_layer
+        return [(spec, resolve_layer(self.view, self.input_name, spec)[0]) for spec in self.opts.collect]
 
     def exposed_tensors(self) -> list[str]:
         return [t for _, t in self.exposed()]

@@ -16,7 +16,7 @@ import onnx
 from dconnx.ops import BACKWARD_RULES
 
 from . import Pass, PassResult
-from .split import is_shift_point, node_key
+from .split import ancestors, is_shift_point, node_key
 
 
 def descendants(comp, tensors: set[str]) -> set[str]:
@@ -29,10 +29,13 @@ def descendants(comp, tensors: set[str]) -> set[str]:
     return out
 
 
-def reverse_walk(comp, rulesets, seeds: dict, wanted: set[str]) -> dict:
-    """Cotangents {(ruleset name, tensor): cotangent} at every wanted tensor."""
-    relevant = comp.needed_nodes & descendants(comp, wanted)
-    pending = {rs.name: {comp.explained: [seeds[rs.name]]} for rs in rulesets}
+def reverse_walk(comp, rulesets, seeds: dict, wanted: set[str], start: str | None = None) -> dict:
+    """Cotangents {(ruleset name, tensor): cotangent} at every wanted tensor, walking back
+    from `start` (default: the explained output)."""
+    start = start or comp.explained
+    relevant = (comp.needed_nodes if start == comp.explained else ancestors(comp, start)) & \
+        descendants(comp, wanted)
+    pending = {rs.name: {start: [seeds[rs.name]]} for rs in rulesets}
     done: dict = {}
 
     def total(rs, tensor):
@@ -102,12 +105,29 @@ class Backward(Pass):
             return res
         _add_run_time_inputs(comp)
         wanted = {h.tensor for h in comp.heads} | set(comp.exposed_tensors())
-        seeds = {rs.name: rs.seed(comp.seed) for rs in rulesets}
-        comp.cotangents = reverse_walk(comp, rulesets, seeds, wanted)
+        if comp.opts.inject is not None:
+            start = _add_inject_input(comp)
+            wanted |= {t for _, t in comp.collected()}
+            seeds = {rs.name: rs.inject(comp.inject_input) for rs in rulesets}
+        else:
+            start = None
+            seeds = {rs.name: rs.seed(comp.seed) for rs in rulesets}
+        comp.cotangents = reverse_walk(comp, rulesets, seeds, wanted, start)
         comp.rulesets = {rs.name: rs for rs in rulesets}
         for rs in rulesets:
             res.apply(f"rule set {rs.name}")
         return res
+
+
+def _add_inject_input(comp) -> str:
+    """An input `inject` shaped like the injection layer's tensor; returns that tensor."""
+    from dconnx.layers import resolve_layer
+    tensor, desc = resolve_layer(comp.view, comp.input_name, comp.opts.inject)
+    name = comp.b.fresh("inject", exact=True)
+    comp.new_inputs.append(onnx.helper.make_tensor_value_info(name, comp.float_type, comp.view.shape(tensor)))
+    comp.inject_input = name
+    comp.notes.append(f"backward walk starts at {desc} from the input '{name}'")
+    return tensor
 
 
 def _add_run_time_inputs(comp):

@@ -64,6 +64,16 @@ class Heads(Pass):
             res.apply(f"{head.method} at {head.layer}")
         for spec, t in comp.exposed():
             self.expose(comp, t, str(spec))
+        for spec, t in comp.collected():
+            for h in comp.heads:
+                rs = comp.rulesets[METHODS[h.method].ruleset]
+                ct = comp.cotangents.get((rs.name, t))
+                if ct is None:
+                    raise OptionError(f"collect layer {spec} is not below the injection layer")
+                out = b.fresh(f"{h.method}@{spec}", exact=True)
+                b.op("Identity", [rs.vector(ct)], out=out)
+                comp.new_outputs.append(onnx.helper.make_tensor_value_info(out, comp.float_type,
+                                                                           comp.view.shape(t)))
         return res
 
     def channel_map(self, comp, head: Head) -> str:

@@ -32,6 +32,17 @@ class RuleSet:
     def sum2(self, ct: tuple, node, sign: int) -> tuple[tuple, tuple]:
         raise NotImplementedError
 
+    def inject(self, vector: str) -> tuple:
+        """A cotangent that starts as `vector` at a hidden layer (relevance or gradient
+        injection, as in the cosine-similarity-convergence sanity check)."""
+        return self.seed(vector)
+
+    def vector(self, ct: tuple) -> str:
+        """The per-element quantity a map of this rule set sums over channels."""
+        if len(ct) != 1:
+            raise NotImplementedError(f"{self.name}: no single vector for a {len(ct)}-part cotangent")
+        return ct[0]
+
     def shift(self, ct: tuple, factor: str) -> tuple:
         """α-shift at a shift point; rule sets without one pass the cotangent on."""
         return ct

@@ -49,6 +49,13 @@ class SplitLRP(RuleSet):
         b = self.b
         return (b.mul(onehot, sp.p, hint="lrpseed/p"), b.neg(b.mul(onehot, sp.n), hint="lrpseed/n"))
 
+    def inject(self, vector):
+        return (vector, None)
+
+    def vector(self, ct):
+        RP, RN = ct
+        return self._add(RP, RN)
+
     def linear(self, ct, lin):
         RP, RN = ct
         if lin.kind == "move":

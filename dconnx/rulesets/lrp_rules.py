@@ -195,6 +195,9 @@ class LRPRules(RuleSet):
     def seed(self, onehot):
         return (self.b.mul(onehot, self.comp.explained, hint="lrpseed"),)
 
+    def inject(self, vector):
+        return (vector,)
+
     def linear(self, ct, lin):
         R = ct[0]
         if lin.kind == "move":

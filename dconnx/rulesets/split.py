@@ -72,6 +72,9 @@ class SplitSensitivities(RuleSet):
         a, d = ct
         return (self.b.mul(a, factor), d)
 
+    def vector(self, ct):
+        return self.splitgrad_sens(ct)
+
     # -- reading the sensitivities at a tensor ----------------------------
     def splitgrad_sens(self, ct) -> str:
         """δpp + δnn, batch-sized."""

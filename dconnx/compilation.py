@@ -27,6 +27,7 @@ class Options:
     fold_batchnorm: bool = True        # False: keep BN as its own shift point (the authors' reading)
     readable_names: bool = False       # descriptive names for generated tensors (bigger file)
     channel_axis: int | None = None    # channel axis of the input (None: detected; NCHW → 1, NHWC → 3)
+    precision: str = "float32"         # "float16": the converted graph computes in half (for CUDA)
     inject: str | int | None = None    # start the backward walk at this layer from an `inject` input
     collect: tuple = ()                # layers whose per-method vectors become outputs "<method>@<layer>"
     lrp_epsilon: float = 1e-6
@@ -46,6 +47,7 @@ class Options:
         "ties": ("strict", "geq"),
         "linear_form": ("sumdiff", "four"),
         "normalize": ("none", "max", "minmax"),
+        "precision": ("float32", "float16"),
     }
 
     def validate(self) -> "Options":

@@ -84,7 +84,8 @@ def metadata(comp) -> dict:
             "alpha_default": o.alpha, "alpha_mode": o.alpha_mode, "maxpool": o.maxpool,
             "stabilize": o.stabilize, "relu_backward": o.relu_backward, "ties": o.ties,
             "lrp_epsilon": o.lrp_epsilon, "normalize": o.normalize, "linear_form": o.linear_form,
-            "share_forward": o.share_forward, "fold_batchnorm": o.fold_batchnorm}),
+            "share_forward": o.share_forward, "fold_batchnorm": o.fold_batchnorm,
+            "precision": o.precision}),
         "dconnx.preprocess": json.dumps({"mean": list(o.mean) if o.mean else None,
                                          "std": list(o.std) if o.std else None}),
         "dconnx.target_input": comp.target_input,
@@ -102,6 +103,10 @@ class Optimize(Pass):
         res.apply(f"prune: removed {removed} unused nodes")
         for k, v in metadata(comp).items():
             model.metadata_props.add(key=k, value=v)
+        if comp.opts.precision == "float16":
+            from dconnx.precision import cast_model
+            model = cast_model(model, onnx.TensorProto.FLOAT16, keep_io=True)
+            res.apply("precision: the graph computes in float16; inputs and outputs stay float32")
         if comp.opts.check:
             validate(model)
         del model.graph.value_info[:]     # onnxruntime infers them; the file stays small

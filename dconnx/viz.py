@@ -111,31 +111,27 @@ def panel(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "") -> np
     return np.asarray(canvas)
 
 
+def _atomic_write(path, suffix: str, write) -> Path:
+    """write(tmp_path) into a temporary file beside `path`, then rename: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def save_png(array: np.ndarray, path) -> Path:
     """Write an RGB uint8 array as PNG atomically."""
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _atomic_write(path, ".png", lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def save_npy(array: np.ndarray, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write an array as .npy atomically."""
+    return _atomic_write(path, ".npy", lambda tmp: np.save(tmp, array))

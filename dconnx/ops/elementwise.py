@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..compilation import StreamPair
-from .base import LinearMap, data_inputs, set_streams, split_linear, weight_variant
+from .base import LinearMap, data_inputs, deflinear, set_streams, split_linear, weight_variant
 from . import backward_rule, describe, split_rule
 
 
@@ -124,19 +124,8 @@ def backward_sub(comp, node, rs, cts):
     return [(lin.x, rs.linear(cts[0], lin))]
 
 
-describe("Mul", "elementwise", shift=False, recenter=False,
-         doc="by a constant (either sign; per-channel constants too); data x data is refused")
-
-
-@split_rule("Mul")
-def split_mul(comp, node):
-    split_linear(comp, affine_of(comp, node), recenter=False)
-
-
-@backward_rule("Mul")
-def backward_mul(comp, node, rs, cts):
-    lin = affine_of(comp, node)
-    return [(lin.x, rs.linear(cts[0], lin))]
+deflinear("Mul", "elementwise", affine_of, shift=False, recenter=False,
+          doc="by a constant (either sign; per-channel constants too); data x data is refused")
 
 
 def constant_streams(comp, name: str) -> StreamPair:

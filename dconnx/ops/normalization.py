@@ -3,14 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backward_rule, describe, split_rule
-from .base import split_linear
+from .base import deflinear
 from .elementwise import AffineMap
-
-describe("BatchNormalization", "normalization", shift=True, recenter=True,
-         doc="inference mode; folded into the preceding Conv/Gemm where legal, "
-             "else split as a per-channel affine map (a shift and recentering point)")
-
 
 def bn_map(comp, node) -> AffineMap:
     v = comp.view
@@ -28,12 +22,6 @@ def bn_map(comp, node) -> AffineMap:
     return lin
 
 
-@split_rule("BatchNormalization")
-def split_bn(comp, node):
-    split_linear(comp, bn_map(comp, node), recenter=True)
-
-
-@backward_rule("BatchNormalization")
-def backward_bn(comp, node, rs, cts):
-    lin = bn_map(comp, node)
-    return [(lin.x, rs.linear(cts[0], lin))]
+deflinear("BatchNormalization", "normalization", bn_map, shift=True, recenter=True,
+          doc="inference mode; folded into the preceding Conv/Gemm where legal, "
+              "else split as a per-channel affine map (a shift and recentering point)")

@@ -107,13 +107,15 @@ describe("Concat", "shape", shift=False, recenter=False,
          doc="along a non-batch axis; constant operands allowed")
 
 
+def _pieces(comp, node, whole: str, pieces) -> tuple[int, list[int], np.ndarray]:
+    """(axis, piece sizes, offsets) of a Concat's inputs or a Split's outputs along its axis."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % comp.view.rank(whole)
+    sizes = [comp.view.shape(t)[axis] for t in pieces]
+    return axis, sizes, np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+
+
 def _concat_offsets(comp, node):
-    axis = int(next(a.i for a in node.attribute if a.name == "axis"))
-    rank = comp.view.rank(node.output[0])
-    axis %= rank
-    sizes = [comp.view.shape(i)[axis] for i in node.input]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    return axis, sizes, offsets
+    return _pieces(comp, node, node.output[0], node.input)
 
 
 @split_rule("Concat")
@@ -140,12 +142,7 @@ describe("Split", "shape", shift=False, recenter=False, doc="along a non-batch a
 
 
 def _split_geometry(comp, node):
-    a = {at.name: at for at in node.attribute}
-    rank = comp.view.rank(node.input[0])
-    axis = (a["axis"].i if "axis" in a else 0) % rank
-    sizes = [comp.view.shape(o)[axis] for o in node.output]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    return axis, sizes, offsets
+    return _pieces(comp, node, node.input[0], node.output)
 
 
 @split_rule("Split")

@@ -120,6 +120,23 @@ class ModelView:
                 live.update(o for o in node.output if o)
         return live
 
+    def reduce_axes(self, node: onnx.NodeProto) -> list[int] | None:
+        """The normalized axes of a Reduce* node (attribute or input form); None if unknown,
+        [] for "all axes" (empty axes without noop_with_empty_axes)."""
+        a = attrs(node)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            c = self.const(node.input[1])
+            if c is None:
+                return None
+            axes = [int(v) for v in c.reshape(-1)]
+        rank = self.rank(node.input[0])
+        if rank is None:
+            return None
+        if not axes:
+            return [] if not int(a.get("noop_with_empty_axes", 0)) else None
+        return sorted(int(v) % rank for v in axes)
+
     def rank(self, name: str) -> int | None:
         s = self.shapes.get(name)
         return None if s is None else len(s)

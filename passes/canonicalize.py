@@ -300,22 +300,31 @@ class Canonicalize(Pass):
             res.apply(f"flatten_to_reshape: {node_label(node)}")
 
     def reduce_mean_to_gap(self, ed: _Graph, res: PassResult):
+        """A mean over all spatial axes is a GlobalAveragePool (+ Reshape without keepdims);
+        any other mean stays a ReduceMean (one op, so one ε-rule in LRP)."""
         view = ed.view
         for node in list(ed.g.node):
             if node.op_type != "ReduceMean" or not view.is_data(node.input[0]):
                 continue
             a = attrs(node)
-            y = node.output[0]
-            if int(a.get("keepdims", 1)):
-                _rebuild(node, "GlobalAveragePool", [node.input[0]], {})
-            else:
-                pooled = ed.fresh(f"{y}_gap")
-                idx = list(ed.g.node).index(node)
-                ed.g.node.insert(idx, helper.make_node("GlobalAveragePool", [node.input[0]], [pooled],
-                                                       name=ed.fresh(f"{node.name}_gap")))
-                shape = ed.add_init(np.asarray([-1] + view.shape(y)[1:], dtype=np.int64), f"{y}_shape")
-                _rebuild(node, "Reshape", [pooled, shape], {})
-            res.apply(f"reduce_mean_to_gap: {node_label(node)}")
+            x, y = node.input[0], node.output[0]
+            rank = view.rank(x)
+            axes = view.reduce_axes(node)
+            keep = int(a.get("keepdims", 1))
+            if axes == list(range(2, rank)):
+                if keep:
+                    _rebuild(node, "GlobalAveragePool", [x], {})
+                else:
+                    pooled = ed.fresh(f"{y}_gap")
+                    idx = list(ed.g.node).index(node)
+                    ed.g.node.insert(idx, helper.make_node("GlobalAveragePool", [x], [pooled],
+                                                           name=ed.fresh(f"{node.name}_gap")))
+                    shape = ed.add_init(np.asarray([0] + view.shape(y)[1:], dtype=np.int64), f"{y}_shape")
+                    _rebuild(node, "Reshape", [pooled, shape], {})
+                res.apply(f"reduce_mean_to_gap: {node_label(node)}")
+                continue
+            res.skip(f"reduce_mean_to_gap: {node_label(node)} — axes {axes} are not all spatial axes: "
+                     "kept as a ReduceMean")
 
     def div_to_mul(self, ed: _Graph, res: PassResult):
         view = ed.view

@@ -93,21 +93,21 @@ def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str |
         return "flattening must keep the batch axis (axis=1)"
     if op in ("Add", "Sub") and len(data_in) == 2:
         s0, s1 = view.shape(node.input[0]), view.shape(node.input[1])
-        if s0 != s1:
+        # before canonicalization a Pad/Reshape with computed arguments leaves symbolic dims
+        # ('unk__4' vs 'unk__6') that may still be equal: compare those on the final graph
+        known = all(s is not None and all(isinstance(d, int) for d in s[1:]) for s in (s0, s1))
+        if s0 != s1 and (final or known):
             return f"broadcasting between data tensors ({s0} vs {s1}) is not supported"
     if op in ("Softmax", "LogSoftmax"):
         outs = set(view.output_names)
         if not any(o in outs for o in node.output):
             return "Softmax is only supported as the last op (the maps explain its input)"
-    if op == "ReduceMean":
-        axes = a.get("axes")
-        if axes is None and len(node.input) > 1:
-            c = view.const(node.input[1])
-            axes = None if c is None else list(c)
-        rank = view.rank(node.input[0])
-        if (axes is not None or final) and (axes is None or rank is None or
-                                             sorted(int(x) % rank for x in axes) != list(range(2, rank))):
-            return "only a mean over all spatial axes (a global average pool) is supported"
+    if op in ("ReduceMean", "ReduceSum"):
+        axes = view.reduce_axes(node)
+        if axes is None and final:
+            return "the reduced axes are not constant"
+        if axes is not None and (not axes or 0 in axes):
+            return "reduces over the batch axis"
     if not final:
         return None
     for o in data_out:
@@ -149,6 +149,13 @@ class Preflight(Pass):
                 raise InvalidModelError(
                     f"input '{inp.name}' has element type {onnx.TensorProto.DataType.Name(et)}; "
                     "dconnx explains float inputs only")
+            shape = view.shape(inp.name) or []
+            dynamic = [(k, d) for k, d in enumerate(shape) if k > 0 and not isinstance(d, int)]
+            if dynamic:
+                k, d = dynamic[0]
+                raise InvalidModelError(
+                    f"input '{inp.name}' has a dynamic dimension '{d}' on axis {k}; dconnx needs a fixed "
+                    "size on every axis but the batch axis: export the model with a fixed input size")
         problems = []
         seen_names = set()
         for node in comp.model.graph.node:

@@ -64,7 +64,6 @@ CANONICALIZED: dict[str, str] = {
     "Identity": "removed",
     "Dropout": "removed (inference)",
     "Flatten": "Reshape",
-    "ReduceMean": "GlobalAveragePool (spatial axes) ",
     "Clip": "Relu(x - a) - Relu(x - b) + a (exact)",
     "LeakyRelu": "s*x + (1 - s)*Relu(x) (exact)",
     "PRelu": "s*x + (1 - s)*Relu(x) with constant slope (exact)",

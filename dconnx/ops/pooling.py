@@ -214,6 +214,39 @@ class GlobalAveragePoolMap(LinearMap):
         return b.op("Expand", [scaled, shape], hint=f"{self.x}::gapT")
 
 
+class ReduceSumMap(LinearMap):
+    """A sum (ReduceMean: a mean) over non-batch axes; the adjoint broadcasts back (Expand)."""
+    kind = "pool"
+    nonneg = True
+
+    def __init__(self, comp, node):
+        super().__init__(comp, node, node.input[0], node.output[0])
+        self.axes = comp.view.reduce_axes(node)
+        self.keep = int(self.attrs.get("keepdims", 1))
+        self.in_shape = comp.view.shape(self.x)
+        self.count = int(np.prod([self.in_shape[i] for i in self.axes]))
+
+    def apply(self, x, variant="W"):
+        if variant == "neg":
+            return self.b.zeros_like(self.y)
+        return self.b.reduce(self.node.op_type, x, self.axes, keepdims=self.keep, hint=f"{self.y}::reduce")
+
+    def transpose(self, ct, variant="W"):
+        if variant == "neg":
+            return self.b.zeros_like(ct)
+        b = self.b
+        if not self.keep:
+            ct = b.unsqueeze(ct, self.axes)
+        if self.node.op_type == "ReduceMean":
+            ct = b.mul(ct, b.scalar(1.0 / self.count))
+        shape = b.concat([b.shape_of(ct, 0, 1), b.ints(self.in_shape[1:])], axis=0)
+        return b.op("Expand", [ct, shape], hint=f"{self.x}::reduceT")
+
+
+deflinear("ReduceSum", "pooling", ReduceSumMap, shift=False, recenter=False,
+          doc="over non-batch axes")
+deflinear("ReduceMean", "pooling", ReduceSumMap, shift=False, recenter=False,
+          doc="over non-batch axes (over all spatial axes it becomes GlobalAveragePool)")
 deflinear("AveragePool", "pooling", AveragePoolMap, shift=False, recenter=False,
           doc="nonnegative linear map on each stream (count_include_pad either way)")
 deflinear("GlobalAveragePool", "pooling", GlobalAveragePoolMap, shift=False, recenter=False,

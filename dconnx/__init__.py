@@ -4,5 +4,6 @@ from .api import compile_model, convert  # noqa: F401
 from .compilation import Options  # noqa: F401
 from .errors import (DconnxError, InputError, InvalidModelError, LayerError,  # noqa: F401
                      NumericalError, OptionError, UnsupportedOpError)
+from .quantus_adapter import quantus_explain_func  # noqa: F401  (imports neither quantus nor torch)
 
 __version__ = "0.1.0"

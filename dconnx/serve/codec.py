@@ -1,0 +1,161 @@
+"""Request bodies → checked arrays and options; results → JSON (base64 arrays, PNG overlays).
+
+No web framework here: the app hands over bytes, dicts and strings, so this is plain to test.
+Every refusal is an InputError or OptionError with a message meant for the client.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, OptionError
+
+FORMATS = ("array", "png", "both")
+
+
+class Malformed(InputError):
+    """The body cannot be read at all (bad JSON, base64 or image file): 400 rather than 422."""
+
+ARRAY_DTYPES = ("float32", "float64", "float16")
+
+
+@dataclass
+class Request:
+    """One checked request: a batched model input and the options that go with it."""
+    x: np.ndarray                     # [n, ...] float32, validated against the model
+    target: np.ndarray | None         # int64 [n] (-1 = argmax) or None (the model's default)
+    alpha: float | None
+    methods: list[str]
+    format: str = "array"
+    pictures: list = field(default_factory=list)   # RGB pictures when the inputs were images
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """A little-endian base64 array with its dtype and shape."""
+    a = np.ascontiguousarray(a)
+    return {"dtype": str(a.dtype), "shape": list(a.shape),
+            "b64": base64.b64encode(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()).decode()}
+
+
+def decode_array(obj) -> np.ndarray:
+    """Nested lists, or {"b64": ..., "dtype": ..., "shape": [...]} (little-endian), → float array."""
+    if isinstance(obj, dict):
+        missing = [k for k in ("b64", "shape") if k not in obj]
+        if missing:
+            raise InputError(f"an encoded array needs 'b64', 'shape' and optionally 'dtype'; missing {missing}")
+        dtype = obj.get("dtype", "float32")
+        if dtype not in ARRAY_DTYPES:
+            raise InputError(f"dtype '{dtype}' is not one of {', '.join(ARRAY_DTYPES)}")
+        shape = obj["shape"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise InputError(f"shape must be a list of nonnegative integers, got {shape!r}")
+        try:
+            raw = base64.b64decode(obj["b64"], validate=True)
+        except (binascii.Error, TypeError, ValueError) as e:
+            raise Malformed(f"'b64' is not valid base64: {e}") from None
+        dt = np.dtype(dtype).newbyteorder("<")
+        want = math.prod(shape) * dt.itemsize
+        if len(raw) != want:
+            raise InputError(f"'b64' holds {len(raw)} bytes; shape {shape} of {dtype} needs {want}")
+        return np.frombuffer(raw, dtype=dt).reshape(shape).astype(dtype)
+    try:
+        a = np.asarray(obj, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"'inputs' must be a (nested) list of numbers or an encoded array: {e}") from None
+    return a
+
+
+def png_b64(rgb: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def parse_json_body(body: bytes) -> dict:
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Malformed(f"the body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise Malformed("the JSON body must be an object, e.g. {\"inputs\": ...}")
+    return obj
+
+
+def _ints(value, name: str) -> np.ndarray | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    try:
+        arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be an integer or a list of integers, got {value!r}") from None
+    if arr.ndim != 1 or not np.all(arr == np.round(arr)):
+        raise InputError(f"{name} must be an integer or a list of integers, got {value!r}")
+    return arr.astype(np.int64)
+
+
+def parse_options(ex, opts: dict, n: int, route: str) -> tuple:
+    """(target [n] or None, alpha or None, methods, format) from JSON, form or query values."""
+    target = _ints(opts.get("target"), "target")
+    if target is not None:
+        if not ex._feeds_target:
+            raise OptionError("this model has no target input (it was converted without methods)")
+        if target.shape[0] not in (1, n):
+            raise InputError(f"target must be one class or one per sample ({n}), got {target.shape[0]}")
+        if np.any(target < -1) or np.any(target >= ex.n_classes):
+            raise InputError(f"target {target.tolist()} outside 0..{ex.n_classes - 1} (or -1 for argmax)")
+        target = np.broadcast_to(target, (n,)).copy()
+    alpha = opts.get("alpha")
+    if alpha is not None and alpha != "":
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise InputError(f"alpha must be a number, got {alpha!r}") from None
+        if not ex._feeds_alpha:
+            raise OptionError("this model has no alpha input")
+        if not 0.0 <= alpha <= 0.5:
+            raise InputError(f"alpha={alpha} is outside [0, 0.5]")
+    else:
+        alpha = None
+    methods = opts.get("methods")
+    if methods is None or methods == "":
+        methods = list(ex.methods)
+    else:
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            raise InputError(f"methods must be a list of names or a comma list, got {methods!r}")
+        unknown = [m for m in methods if m not in ex.methods]
+        if unknown:
+            raise InputError(f"unknown method(s) {', '.join(unknown)}; this model has "
+                             f"{', '.join(ex.methods) or 'none'}")
+    if route == "explain" and not methods:
+        raise OptionError("this model has no attribution outputs; convert it with --methods")
+    fmt = opts.get("format") or "array"
+    if fmt not in FORMATS:
+        raise InputError(f"format '{fmt}' is not one of {', '.join(FORMATS)}")
+    return target, alpha, methods, fmt
+
+
+def check_samples(ex, x: np.ndarray, max_samples: int) -> np.ndarray:
+    """The model's own input checks (shape, NaN/Inf, dtype), then the per-request sample limit."""
+    if x.size == 0 and x.ndim <= 1:
+        raise InputError("no inputs given")
+    x = ex._check_input(x)
+    if x.shape[0] == 0:
+        raise InputError("no inputs given (batch of 0)")
+    if x.shape[0] > max_samples:
+        raise InputError(f"{x.shape[0]} samples in one request; at most {max_samples} are accepted")
+    return x

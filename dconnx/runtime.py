@@ -108,14 +108,15 @@ class Explainer:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.n_classes = self.session.get_outputs()[0].shape[-1]
         self.check_finite = check_finite
-        self._feeds_target = self.target_input in inputs
-        self._feeds_alpha = self.alpha_input in inputs
+        self.accepts_target = self.target_input in inputs
+        self.accepts_alpha = self.alpha_input in inputs
 
     @property
     def methods(self) -> list[str]:
         return [h["output"] for h in self.heads]
 
-    def _check_input(self, x) -> np.ndarray:
+    def check_input(self, x) -> np.ndarray:
+        """x as the model takes it (a single sample gets a batch axis); InputError otherwise."""
         x = np.asarray(x)
         if x.dtype.kind != "f":
             raise InputError(f"input must be floating point, got {x.dtype}")
@@ -134,10 +135,10 @@ class Explainer:
 
     def __call__(self, x, target=None, alpha: float | None = None) -> dict[str, np.ndarray]:
         """Run the model: every output by name (logits, g, h, one map per method)."""
-        x = self._check_input(x)
+        x = self.check_input(x)
         feeds = {self.input_name: x}
         if target is not None:
-            if not self._feeds_target:
+            if not self.accepts_target:
                 raise OptionError("this converted model has no `target` input (no methods requested)")
             t = np.atleast_1d(np.asarray(target, dtype=np.int64))
             if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
@@ -146,7 +147,7 @@ class Explainer:
                 raise InputError(f"target {t.tolist()} outside 0..{self.n_classes - 1} (or -1 for argmax)")
             feeds[self.target_input] = t
         if alpha is not None:
-            if not self._feeds_alpha:
+            if not self.accepts_alpha:
                 raise OptionError("this converted model has no `alpha` input")
             if not 0.0 <= float(alpha) <= 0.5:
                 raise InputError(f"alpha={alpha} is outside [0, 0.5]")

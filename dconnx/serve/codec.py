@@ -110,7 +110,7 @@ def parse_options(ex, opts: dict, n: int, route: str) -> tuple:
     """(target [n] or None, alpha or None, methods, format) from JSON, form or query values."""
     target = _ints(opts.get("target"), "target")
     if target is not None:
-        if not ex._feeds_target:
+        if not ex.accepts_target:
             raise OptionError("this model has no target input (it was converted without methods)")
         if target.shape[0] not in (1, n):
             raise InputError(f"target must be one class or one per sample ({n}), got {target.shape[0]}")
@@ -123,7 +123,7 @@ def parse_options(ex, opts: dict, n: int, route: str) -> tuple:
             alpha = float(alpha)
         except (TypeError, ValueError):
             raise InputError(f"alpha must be a number, got {alpha!r}") from None
-        if not ex._feeds_alpha:
+        if not ex.accepts_alpha:
             raise OptionError("this model has no alpha input")
         if not 0.0 <= alpha <= 0.5:
             raise InputError(f"alpha={alpha} is outside [0, 0.5]")
@@ -153,7 +153,7 @@ def check_samples(ex, x: np.ndarray, max_samples: int) -> np.ndarray:
     """The model's own input checks (shape, NaN/Inf, dtype), then the per-request sample limit."""
     if x.size == 0 and x.ndim <= 1:
         raise InputError("no inputs given")
-    x = ex._check_input(x)
+    x = ex.check_input(x)
     if x.shape[0] == 0:
         raise InputError("no inputs given (batch of 0)")
     if x.shape[0] > max_samples:

@@ -1,15 +1,20 @@
-"""Loading, validating and atomically saving models."""
+"""Loading, validating and atomically saving models.
+
+A model file is untrusted input: `load_model` runs the checks of dconnx/model_checks.py
+before anything uses it, and every refusal is an InvalidModelError naming the problem.
+"""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import shape_inference
 
+from . import model_checks as checks
 from .errors import InvalidModelError
 
 # What the pinned onnxruntime accepts, and what the generated nodes need
@@ -21,63 +26,60 @@ MIN_OPSET = 17
 ModelLike = "str | os.PathLike | onnx.ModelProto | bytes"
 
 
-def _check_external_paths(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external data that points outside the model's folder."""
-    base = base_dir.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        loc = info.get("location", "")
-        if os.path.isabs(loc) or ".." in Path(loc).parts:
-            raise InvalidModelError(
-                f"initializer '{tensor.name}' stores its data at '{loc}', outside the model's "
-                "folder; refusing to read it")
-        target = (base / loc)
-        if not target.resolve().is_relative_to(base):
-            raise InvalidModelError(
-                f"initializer '{tensor.name}' stores its data at '{loc}', which resolves outside "
-                "the model's folder; refusing to read it")
-        if not target.exists():
-            raise InvalidModelError(
-                f"initializer '{tensor.name}' needs the external data file '{loc}', which is missing")
-
-
 def load_model(source, *, check: bool = True) -> onnx.ModelProto:
     """Load a model from a path, bytes or a ModelProto, with external data, and validate it.
 
-    Raises InvalidModelError naming the reason when the file is not a valid model.
+    Raises InvalidModelError naming the reason when the file is not a valid model. The
+    header, every tensor's declared size and the external data's paths and sizes are
+    checked before any weight is read; with `check`, so are the graph's structure, the
+    checker and strict shape inference, the declared shapes and the constants' values.
     """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
-        base_dir = None
+        base_dir, where = None, "a ModelProto"
     elif isinstance(source, (bytes, bytearray)):
         model = _parse(bytes(source), "<bytes>")
-        base_dir = None
+        base_dir, where = None, "bytes"
     else:
         path = Path(source)
         if not path.is_file():
             raise InvalidModelError(f"no model file at '{path}'")
+        if path.stat().st_size > checks.MAX_PROTOBUF_BYTES:
+            raise InvalidModelError(f"'{path}' is larger than protobuf's 2 GiB limit, so it cannot be an "
+                                    "ONNX model file (big weights belong in external data)")
         model = _parse(path.read_bytes(), str(path))
-        base_dir = path.parent
-    if base_dir is not None:
-        _check_external_paths(model, base_dir)
+        base_dir, where = path.parent, str(path)
+    checks.check_header(model, "<bytes>" if where == "bytes" else where, MAX_IR_VERSION, MAX_OPSET)
+    for t in checks.all_tensors(model):
+        checks.check_tensor(t)
+    if checks.check_external_data(model, base_dir, where):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
-        except Exception as e:  # truncated or unreadable data files
+        except Exception as e:  # unreadable data files
             raise InvalidModelError(f"cannot read the external data of '{source}': {e}") from e
     if check:
+        checks.check_structure(model)
+        checks.check_inputs(model)
         validate(model)     # also infers shapes into the model
+        checks.check_declared_shapes(model)
+        checks.check_weight_shapes(model)
+        checks.check_values(model)
     return model
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"'{where}' is empty")
+    what = checks.sniff(data)
+    if what is not None:
+        raise InvalidModelError(f"'{where}' is not an ONNX model: it looks like {what}")
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except Exception as e:
-        raise InvalidModelError(f"'{where}' is not an ONNX model (protobuf parse failed: {e})") from e
+        raise InvalidModelError(f"'{where}' is not an ONNX model, or a truncated one (protobuf parse "
+                                f"failed: {e})") from e
     if not model.HasField("graph") or not model.graph.node:
         raise InvalidModelError(f"'{where}' is not an ONNX model (no graph or no nodes)")
     return model
@@ -98,7 +100,7 @@ def _light_copy(model: onnx.ModelProto, limit: int = 64) -> onnx.ModelProto:
     g.value_info.extend(model.graph.value_info)
     names = {i.name for i in model.graph.input}
     for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        n = math.prod(t.dims)
         if n <= limit:
             g.initializer.append(t)
         elif t.name not in names:
@@ -109,13 +111,7 @@ def _light_copy(model: onnx.ModelProto, limit: int = 64) -> onnx.ModelProto:
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     """Big initializers skipped by the light check: their data must match their dims."""
     for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or not t.raw_data:
-            continue
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if len(t.raw_data) != n * itemsize:
-            raise InvalidModelError(f"initializer '{t.name}' holds {len(t.raw_data)} bytes; "
-                                    f"its shape {list(t.dims)} needs {n * itemsize}")
+        checks.check_tensor(t)
 
 
 def validate(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,12 @@ def default_providers() -> list[str]:
     return wanted
 
 
+class NumericalWarning(RuntimeWarning):
+    """Some outputs (g, h) overflowed while the attribution maps stayed finite."""
+
+
 MEMORY_REUSE_NODE_LIMIT = 3000
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
 def session_options(threads: int | None = None, level: str = "all", quiet: bool = True,
@@ -128,10 +134,16 @@ class Explainer:
         for i, (got, exp) in enumerate(zip(x.shape, want)):
             if isinstance(exp, int) and got != exp:
                 raise InputError(f"input has shape {list(x.shape)}; the model takes {want} (axis {i})")
-        if not np.all(np.isfinite(x)):
-            raise InputError("input contains NaN or Inf")
-        return x.astype(np.float32 if self.session.get_inputs()[0].type == "tensor(float)" else x.dtype,
-                        copy=False)
+        dtype = _NP_TYPES.get(self.session.get_inputs()[0].type, x.dtype)
+        with np.errstate(over="ignore"):
+            cast = x.astype(dtype, copy=False)
+        bad = ~np.isfinite(cast)
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            value = x[tuple(where)]
+            why = "NaN or Inf" if not np.isfinite(value) else f"{value:g}, which overflows {np.dtype(dtype).name}"
+            raise InputError(f"input contains {why} (first at index {where}, {int(bad.sum())} values)")
+        return cast
 
     def __call__(self, x, target=None, alpha: float | None = None) -> dict[str, np.ndarray]:
         """Run the model: every output by name (logits, g, h, one map per method)."""
@@ -152,14 +164,40 @@ class Explainer:
             if not 0.0 <= float(alpha) <= 0.5:
                 raise InputError(f"alpha={alpha} is outside [0, 0.5]")
             feeds[self.alpha_input] = np.asarray(alpha, dtype=np.float32)
-        outs = self.session.run(None, feeds)
+        try:
+            outs = self.session.run(None, feeds)
+        except Exception as e:   # a kernel the provider lacks, memory, ...: not a crash of ours
+            text = str(e).strip()
+            raise InvalidModelError(f"onnxruntime ({self.provider}) failed to run the model: "
+                                    f"{text.splitlines()[0] if text else type(e).__name__}") from e
         result = dict(zip(self.output_names, outs))
         if self.check_finite:
-            bad = [k for k, v in result.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
-            if bad:
-                raise NumericalError(f"outputs {', '.join(bad)} contain NaN/Inf (stream overflow?); "
-                                     "try --stabilize recenter or float32/float64 weights")
+            self._check_finite(result, alpha)
         return result
+
+    def _check_finite(self, result: dict, alpha) -> None:
+        """NumericalError instead of NaN/Inf maps, naming outputs, samples and the likely cause;
+        a NumericalWarning when only g, h (or logits) are not finite and the maps are."""
+        bad = {k: v for k, v in result.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))}
+        if not bad:
+            return
+        rows = [v.reshape(v.shape[0], -1) if v.ndim else v.reshape(1, 1) for v in bad.values()]
+        samples = sorted({int(i) for r in rows for i in np.nonzero(~np.isfinite(r).any(1))[0]})
+        opts = self.options
+        alpha = float(alpha) if alpha is not None else float(opts.get("alpha_default", 0.35))
+        hints = []
+        if opts.get("stabilize") == "none" and ({"g", "h"} & set(bad)):
+            hints.append("the streams g, h overflowed: convert with --stabilize recenter")
+        if alpha < 0.25 and set(self.methods) & set(bad):
+            hints.append(f"the sensitivities grow as |W| products at alpha={alpha:g}: use alpha >= 0.25")
+        if opts.get("precision") == "float16":
+            hints.append("float16 overflows at 65504: convert with float32 precision")
+        hints = hints or ["the input or the model's own activations overflow this precision"]
+        text = (f"outputs {', '.join(bad)} contain NaN/Inf for samples {samples} (stream or sensitivity "
+                f"overflow); {'; '.join(hints)}")
+        if set(self.methods) & set(bad):
+            raise NumericalError(text)
+        warnings.warn(NumericalWarning(text + "; the maps are finite and returned"), stacklevel=3)
 
     def maps(self, x, target=None, alpha=None) -> dict[str, np.ndarray]:
         """Only the attribution maps, by method output name."""

@@ -1,0 +1,571 @@
+"""Random ReLU CNNs for property-based tests: hypothesis strategies that draw a network
+spec from the supported op table, a torch builder for it, and the float64 checks.
+
+A spec is plain frozen data (its repr is the reproducer hypothesis prints). Every
+layer is drawn for the shape that reaches it, so every spec is valid: no examples
+are rejected. The reference gradient is torch autograd through the *exported* ONNX
+graph (evaluated op by op by tests/onnx_torch.py in float64), so the identity is
+checked on exactly the function the compiler was given, free of float32 rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+import onnx_torch
+from helpers import export
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class Conv:
+    out: int
+    k: tuple            # (kh, kw)
+    stride: int
+    pad: int
+    dil: int
+    groups: int
+    bias: bool
+    sign: str = "mixed"   # "mixed" | "positive" | "negative": the sign of every weight
+
+
+@dataclass(frozen=True)
+class BN:
+    pass
+
+
+@dataclass(frozen=True)
+class Act:
+    kind: str           # relu | relu6 | leaky | prelu | hardtanh
+    param: float = 0.0
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    k: int
+    stride: int
+    pad: int
+    dil: int
+    ceil: bool
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    k: int
+    stride: int
+    pad: int
+    include_pad: bool
+    ceil: bool
+
+
+@dataclass(frozen=True)
+class Residual:
+    branch: tuple       # layers, shape-preserving apart from the shortcut's stride
+    op: str             # "add" (x + b), "sub" (b − x), "rsub" (x − b)
+    shortcut: Conv | None = None
+
+
+@dataclass(frozen=True)
+class Concat:
+    branches: tuple     # each a tuple of layers (empty = the input itself)
+
+
+@dataclass(frozen=True)
+class Affine:
+    kind: str           # "mul" (per-channel, both signs) | "div" | "add"
+    value: float
+
+
+@dataclass(frozen=True)
+class Pad:
+    pads: tuple         # (left, right, top, bottom), zeros
+
+
+@dataclass(frozen=True)
+class Slice:
+    c0: int
+    c1: int
+
+
+@dataclass(frozen=True)
+class Dropout:
+    pass
+
+
+@dataclass(frozen=True)
+class Head:
+    kind: str           # flatten | gap | mean | matmul | conv_gap
+    classes: int
+    hidden: int = 0     # a second Gemm of this width (0: one Gemm)
+    act: str = "relu"
+    softmax: bool = False
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    in_shape: tuple     # (C, H, W)
+    body: tuple
+    head: Head
+    seed: int
+    keep_bn: bool = False
+    opset: int = 17
+
+
+def _ceil_agrees(n: int, k: int, s: int, p: int, d: int = 1) -> bool:
+    """torch drops a last ceil_mode window that starts in the right padding; ONNX shape
+    inference (opset < 19) does not. Draw ceil_mode only where both agree."""
+    num = n + 2 * p - (d * (k - 1) + 1)
+    return num < 0 or (-(-num // s)) * s < n + p
+
+
+def out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False) -> int:
+    eff = d * (k - 1) + 1
+    num = n + 2 * p - eff
+    if num < 0:
+        return 0
+    o = (-(-num // s) if ceil else num // s) + 1
+    if ceil and (o - 1) * s >= n + p:    # the last window must start inside the input or left pad
+        o -= 1
+    return o
+
+
+# ----------------------------------------------------------------------------- strategies
+
+ACTS = ("relu", "relu", "relu", "relu6", "leaky", "prelu", "hardtanh")
+
+
+@st.composite
+def conv_layer(draw, shape, *, same: bool = False, out: int | None = None, stride: int | None = None):
+    """A Conv valid for `shape`; `same` keeps H, W (odd kernel, padding d(k−1)/2, stride 1)."""
+    c, h, w = shape
+    out = out if out is not None else draw(st.integers(1, 8))
+    groups = draw(st.sampled_from([g for g in range(1, min(c, out) + 1) if c % g == 0 and out % g == 0]))
+    dil = draw(st.sampled_from([1, 1, 1, 2, 3]))
+    if same:
+        k = draw(st.sampled_from([1, 3, 3, 5]))
+        kk = (k, k)
+        pad, s = dil * (k - 1) // 2, stride or 1
+    else:
+        kh = draw(st.integers(1, 5))
+        kw = draw(st.one_of(st.just(kh), st.integers(1, 5)))
+        kk = (kh, kw)
+        s = stride or draw(st.sampled_from([1, 1, 1, 2, 3]))
+        pad = draw(st.integers(0, max(0, dil * (max(kk) - 1) // 2)))
+        # shrink the kernel until it fits the padded input
+        while out_size(h, kk[0], s, pad, dil) < 1 or out_size(w, kk[1], s, pad, dil) < 1:
+            kk = (max(1, kk[0] - 1), max(1, kk[1] - 1))
+            if kk == (1, 1):
+                dil = 1
+    sign = draw(st.sampled_from(["mixed", "mixed", "mixed", "positive", "negative"]))
+    return Conv(out, kk, s, pad, dil, groups, draw(st.booleans()), sign)
+
+
+def conv_shape(shape, conv: Conv):
+    c, h, w = shape
+    return (conv.out, out_size(h, conv.k[0], conv.stride, conv.pad, conv.dil),
+            out_size(w, conv.k[1], conv.stride, conv.pad, conv.dil))
+
+
+@st.composite
+def activation(draw):
+    kind = draw(st.sampled_from(ACTS))
+    param = 0.0
+    if kind == "leaky":
+        param = draw(st.sampled_from([0.0, 0.01, 0.1, 0.3]))
+    if kind == "hardtanh":
+        param = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    return Act(kind, param)
+
+
+@st.composite
+def pool_layer(draw, shape):
+    c, h, w = shape
+    k = draw(st.integers(1, 3))
+    s = draw(st.integers(1, k))
+    pad = draw(st.integers(0, k // 2))
+    ceil = draw(st.booleans())
+    is_max = draw(st.booleans())
+    dil = draw(st.sampled_from([1, 1, 2])) if is_max else 1
+    if ceil and not all(_ceil_agrees(n, k, s, pad, dil) for n in (h, w)):
+        ceil = False
+    # ceil_mode AveragePool with partial windows is refused (dconnx/ops/pooling.py): draw only
+    # ceil_mode average pools whose windows are all whole
+    if ceil and not is_max and any(out_size(n, k, s, pad, 1, True) != out_size(n, k, s, pad, 1, False)
+                                   for n in (h, w)):
+        ceil = False
+    if out_size(min(h, w), k, s, pad, dil, ceil) < 1:
+        return None
+    if is_max:
+        return MaxPool(k, s, pad, dil, ceil)
+    return AvgPool(k, s, pad, draw(st.booleans()), ceil)
+
+
+def pool_shape(shape, p):
+    c, h, w = shape
+    dil = getattr(p, "dil", 1)
+    return (c, out_size(h, p.k, p.stride, p.pad, dil, p.ceil), out_size(w, p.k, p.stride, p.pad, dil, p.ceil))
+
+
+@st.composite
+def block(draw, shape):
+    """One body element for `shape`; returns (layers, new shape)."""
+    c, h, w = shape
+    kinds = ["conv", "conv", "conv", "act", "act", "bn", "pool", "affine", "pad", "dropout",
+             "residual", "residual", "concat", "concat"]
+    if c >= 2:
+        kinds.append("slice")
+    kind = draw(st.sampled_from(kinds))
+    if kind == "conv":
+        conv = draw(conv_layer(shape))
+        layers = [conv]
+        shape = conv_shape(shape, conv)
+        if draw(st.booleans()):
+            layers.append(BN())
+        if draw(st.integers(0, 3)):
+            layers.append(draw(activation()))
+        return layers, shape
+    if kind == "act":
+        return [draw(activation())], shape
+    if kind == "bn":
+        return [BN()], shape
+    if kind == "pool":
+        p = draw(pool_layer(shape))
+        return ([p], pool_shape(shape, p)) if p is not None else ([], shape)
+    if kind == "affine":
+        k = draw(st.sampled_from(["mul", "div", "add"]))
+        v = draw(st.sampled_from([-2.0, -0.5, 0.5, 1.5, 3.0]))
+        return [Affine(k, v)], shape
+    if kind == "pad":
+        pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+        return [Pad(pads)], (c, h + pads[2] + pads[3], w + pads[0] + pads[1])
+    if kind == "dropout":
+        return [Dropout()], shape
+    if kind == "slice":
+        c0 = draw(st.integers(0, c - 1))
+        c1 = draw(st.integers(c0 + 1, c))
+        return [Slice(c0, c1)], (c1 - c0, h, w)
+    if kind == "residual":
+        stride = draw(st.sampled_from([1, 1, 2])) if min(h, w) >= 2 else 1
+        first = draw(conv_layer(shape, same=True, out=c, stride=stride))
+        branch = [first]
+        if draw(st.booleans()):
+            branch.append(BN())
+        branch.append(draw(activation()))
+        sub = conv_shape(shape, first)
+        if draw(st.booleans()):
+            branch.append(draw(conv_layer(sub, same=True, out=c)))
+        shortcut = None
+        if stride > 1:
+            shortcut = Conv(c, (1, 1), stride, 0, 1, 1, False, "mixed")
+        op = draw(st.sampled_from(["add", "add", "sub", "rsub"]))
+        return [Residual(tuple(branch), op, shortcut)], sub
+    # concat: branches keep H, W; the input itself may be one of them
+    n = draw(st.integers(2, 3))
+    branches = []
+    out_c = 0
+    for _ in range(n):
+        if draw(st.integers(0, 3)) == 0:
+            branches.append(())
+            out_c += c
+            continue
+        conv = draw(conv_layer(shape, same=True))
+        br = [conv]
+        if draw(st.booleans()):
+            br.append(draw(activation()))
+        branches.append(tuple(br))
+        out_c += conv.out
+    return [Concat(tuple(branches))], (out_c, h, w)
+
+
+@st.composite
+def net_specs(draw, max_blocks: int = 6):
+    """A random ReLU CNN: input shape, body, head, weight seed, export options."""
+    c = draw(st.integers(1, 4))
+    h = draw(st.integers(3, 12))
+    w = draw(st.one_of(st.just(h), st.integers(3, 12)))
+    in_shape = shape = (c, h, w)
+    body = []
+    for _ in range(draw(st.integers(1, max_blocks))):
+        layers, shape = draw(block(shape))
+        body += layers
+    c, h, w = shape
+    kinds = ["flatten", "gap", "mean", "matmul", "conv_gap"]
+    if c * h * w > 1024:
+        kinds = ["gap", "mean", "conv_gap"]
+    kind = draw(st.sampled_from(kinds))
+    hidden = draw(st.sampled_from([0, 0, 4, 9])) if kind != "conv_gap" else 0
+    head = Head(kind, draw(st.integers(1, 6)), hidden,
+                draw(st.sampled_from(["relu", "relu", "relu6", "none"])),
+                softmax=draw(st.sampled_from([False] * 7 + [True])))
+    return NetSpec(in_shape, tuple(body), head, draw(st.integers(0, 2**16)),
+                   keep_bn=draw(st.booleans()), opset=draw(st.sampled_from([17, 17, 18, 20])))
+
+
+# ----------------------------------------------------------------------------- torch builder
+
+
+class _Residual(nn.Module):
+    def __init__(self, branch, shortcut, op):
+        super().__init__()
+        self.branch, self.shortcut, self.op = branch, shortcut, op
+
+    def forward(self, x):
+        b = self.branch(x)
+        s = x if self.shortcut is None else self.shortcut(x)
+        return {"add": s + b, "sub": b - s, "rsub": s - b}[self.op]
+
+
+class _Concat(nn.Module):
+    def __init__(self, branches):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+class _Affine(nn.Module):
+    def __init__(self, kind, value, c):
+        super().__init__()
+        self.kind = kind
+        signs = torch.tensor([(-1.0) ** i * (1 + i / c) for i in range(c)]).view(c, 1, 1)
+        self.register_buffer("const", value * signs)
+        self.value = value
+
+    def forward(self, x):
+        if self.kind == "mul":
+            return x * self.const
+        if self.kind == "div":
+            return x / self.value
+        return x + self.const
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _MatMul(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(n_in, n_out))
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.w + self.b
+
+
+def _act(a: Act | str, c: int) -> nn.Module:
+    kind = a.kind if isinstance(a, Act) else a
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "relu6":
+        return nn.ReLU6()
+    if kind == "leaky":
+        return nn.LeakyReLU(a.param)
+    if kind == "prelu":
+        return nn.PReLU(c)
+    if kind == "hardtanh":
+        return nn.Hardtanh(-a.param, 2 * a.param)
+    return nn.Identity()
+
+
+def _layers(layers, c: int):
+    """nn.Sequential of `layers` for `c` input channels, and the output channel count."""
+    mods = []
+    for l in layers:
+        if isinstance(l, Conv):
+            m = nn.Conv2d(c, l.out, l.k, l.stride, l.pad, l.dil, l.groups, l.bias)
+            m.sign = l.sign
+            mods.append(m)
+            c = l.out
+        elif isinstance(l, BN):
+            mods.append(nn.BatchNorm2d(c))
+        elif isinstance(l, Act):
+            mods.append(_act(l, c))
+        elif isinstance(l, MaxPool):
+            mods.append(nn.MaxPool2d(l.k, l.stride, l.pad, l.dil, ceil_mode=l.ceil))
+        elif isinstance(l, AvgPool):
+            mods.append(nn.AvgPool2d(l.k, l.stride, l.pad, ceil_mode=l.ceil, count_include_pad=l.include_pad))
+        elif isinstance(l, Residual):
+            branch, _ = _layers(l.branch, c)
+            short = None
+            if l.shortcut is not None:
+                short, _ = _layers((l.shortcut,), c)
+            mods.append(_Residual(branch, short, l.op))
+        elif isinstance(l, Concat):
+            subs = []
+            out = 0
+            for br in l.branches:
+                m, cc = _layers(br, c)
+                subs.append(m)
+                out += cc
+            mods.append(_Concat(subs))
+            c = out
+        elif isinstance(l, Affine):
+            mods.append(_Affine(l.kind, l.value, c))
+        elif isinstance(l, Pad):
+            mods.append(_Fn(lambda x, p=l.pads: F.pad(x, p)))
+        elif isinstance(l, Slice):
+            mods.append(_Fn(lambda x, a=l.c0, b=l.c1: x[:, a:b]))
+            c = l.c1 - l.c0
+        elif isinstance(l, Dropout):
+            mods.append(nn.Dropout(0.5))
+        else:
+            raise TypeError(l)
+    return nn.Sequential(*mods), c
+
+
+def _head(head: Head, shape) -> nn.Module:
+    c, h, w = shape
+    if head.kind == "conv_gap":
+        conv = nn.Conv2d(c, head.classes, 1)
+        return nn.Sequential(conv, _act(head.act, head.classes), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    pre = {"flatten": [nn.Flatten()], "gap": [nn.AdaptiveAvgPool2d(1), nn.Flatten()],
+           "mean": [_Fn(lambda x: x.mean((2, 3)))], "matmul": [nn.Flatten()]}[head.kind]
+    n_in = c * h * w if head.kind in ("flatten", "matmul") else c
+    width = head.hidden or head.classes
+    first = _MatMul(n_in, width) if head.kind == "matmul" else nn.Linear(n_in, width)
+    mods = pre + [first]
+    if head.hidden:
+        mods += [_act(head.act, head.hidden), nn.Linear(head.hidden, head.classes)]
+    return nn.Sequential(*mods)
+
+
+class FuzzNet(nn.Module):
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        self.body, _ = _layers(spec.body, spec.in_shape[0])
+        self.body.eval()
+        with torch.no_grad():
+            shape = self.body(torch.zeros(1, *spec.in_shape)).shape[1:]
+        self.head = _head(spec.head, tuple(shape))
+        self.softmax = spec.head.softmax
+
+    def logits(self, x):
+        return self.head(self.body(x))
+
+    def forward(self, x):
+        y = self.logits(x)
+        return torch.softmax(y, 1) if self.softmax else y
+
+
+def build(spec: NetSpec) -> FuzzNet:
+    """The torch module of a spec, with seeded weights of both signs and random BN statistics."""
+    net = FuzzNet(spec)
+    g = torch.Generator().manual_seed(spec.seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, _MatMul)):
+                wt = m.w if isinstance(m, _MatMul) else m.weight
+                fan_in = wt.shape[0] if isinstance(m, _MatMul) else wt[0].numel()
+                sign = getattr(m, "sign", "mixed")
+                new = randn(*wt.shape) * math.sqrt(2.0 / fan_in)
+                if sign != "mixed":     # one-signed weights do not cancel: keep their sum O(1)
+                    new = new.abs() * math.sqrt(2.0 / fan_in) * (1 if sign == "positive" else -1)
+                wt.copy_(new)
+                bias = m.b if isinstance(m, _MatMul) else m.bias
+                if bias is not None:
+                    bias.copy_(randn(*bias.shape) * 0.3)
+            elif isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(randn(n) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) * 3 - 1.5)
+                m.bias.copy_(randn(n) * 0.5)
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5)
+    return net.eval()
+
+
+def export_spec(spec: NetSpec, batch: int = 2) -> tuple[FuzzNet, onnx.ModelProto]:
+    """Build and export (TorchScript, dynamic batch, input 'input', output 'logits')."""
+    net = build(spec)
+    x = torch.zeros(batch, *spec.in_shape)
+    return net, export(net, x, keep_bn=spec.keep_bn, opset=spec.opset)
+
+
+def input_for(spec: NetSpec, batch: int, dtype=np.float64, ties: bool = False) -> np.ndarray:
+    """Standard normal data; with `ties`, 1/4 exact zeros and 1/4 copies of one value."""
+    rng = np.random.default_rng(spec.seed + 1)
+    x = rng.standard_normal((batch, *spec.in_shape)).astype(dtype)
+    if ties:
+        flat = x.reshape(-1)
+        flat[rng.choice(flat.size, flat.size // 4, replace=False)] = 0.0
+        idx = rng.choice(flat.size, flat.size // 4, replace=False)
+        flat[idx] = flat[idx[0]]
+    return x
+
+
+def relu_only(spec: NetSpec) -> bool:
+    """Every activation is a Relu: then ties at 0 follow one convention (relu'(0) = 0) in torch
+    and in dconnx. (Clip's autograd passes the gradient at its bounds; dconnx's canonical
+    Relu(x − a) − Relu(x − b) does not at a: a tie convention, not an error.)"""
+    def ok(layers):
+        for l in layers:
+            if isinstance(l, Act) and l.kind != "relu":
+                return False
+            if isinstance(l, Residual) and not ok(l.branch):
+                return False
+            if isinstance(l, Concat) and not all(ok(b) for b in l.branches):
+                return False
+        return True
+    return ok(spec.body) and spec.head.act in ("relu", "none")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def explained_name(model: onnx.ModelProto) -> str:
+    """The logits the maps explain: the first output, or the input of a trailing Softmax."""
+    out = model.graph.output[0].name
+    prod = next((n for n in model.graph.node if out in n.output), None)
+    if prod is not None and prod.op_type in ("Softmax", "LogSoftmax"):
+        return prod.input[0]
+    return out
+
+
+def _eval(node, ins, env):
+    """onnx_torch's op, plus the activations it lacks."""
+    a = onnx_torch._attrs(node)
+    if node.op_type == "PRelu":
+        return torch.where(ins[0] > 0, ins[0], ins[0] * ins[1])     # torch's prelu'(0) = slope
+    if node.op_type == "LeakyRelu":
+        return F.leaky_relu(ins[0], a.get("alpha", 0.01))
+    return onnx_torch._eval(node, ins, a, env)
+
+
+def graph_autograd(model: onnx.ModelProto, x: np.ndarray, target: np.ndarray):
+    """(explained logits, d logits[target] / d input) of an ONNX graph, by torch autograd
+    through tests/onnx_torch.py's op implementations in the graph's own precision."""
+    env = {t.name: torch.from_numpy(np.array(onnx.numpy_helper.to_array(t))) for t in model.graph.initializer}
+    xt = torch.tensor(x, requires_grad=True)
+    env[model.graph.input[0].name] = xt
+    for node in model.graph.node:
+        ins = [env[i] if i else None for i in node.input]
+        outs = _eval(node, ins, env)
+        if not isinstance(outs, (list, tuple)):
+            outs = [outs]
+        for name, val in zip(node.output, outs):
+            if name:
+                env[name] = val
+    f = env[explained_name(model)]
+    f.gather(1, torch.as_tensor(target, dtype=torch.long)[:, None]).sum().backward()
+    grad = xt.grad.numpy() if xt.grad is not None else np.zeros_like(x)
+    return f.detach().numpy(), grad

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show how a converted model was made")
     p.add_argument("model")
     p.set_defaults(func=cmd_info)
+    from .eval.cli import add_eval_parser   # `dconnx eval`: metrics and sanity checks
+    add_eval_parser(sub)
     from .serve.cli import add_deploy_parsers   # `dconnx serve`, `export-triton`, `explain-dataset`
     add_deploy_parsers(sub)
     return parser

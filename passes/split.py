@@ -76,6 +76,27 @@ def find_output_layers(comp) -> set[str]:
     return found
 
 
+# ops that map a zero n-stream to a zero n-stream: data movement, winner-takes-all or
+# window-sum max pooling, nonnegative pooling without a bias
+ZERO_N_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
+                     "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad",
+                     "Concat", "Split"}
+
+
+def propagate_zero_n(comp, node: onnx.NodeProto) -> None:
+    """Mark the outputs' n-streams structurally zero when every input's is (after a recentered
+    Relu, say), so that later rules skip them: a zero n-stream costs no product."""
+    if node.op_type not in ZERO_N_PRESERVING:
+        return
+    ins = [i for i in node.input if i and comp.view.is_data(i)]
+    if node.op_type == "Concat" and len(ins) != sum(1 for i in node.input if i):
+        return      # constant pieces may have an n part
+    if ins and all(i in comp.streams and comp.is_zero(comp.stream(i).n) for i in ins):
+        for o in node.output:
+            if o and o in comp.streams:
+                comp.zero_streams.add(comp.stream(o).n)
+
+
 def detect_channel_axis(comp) -> int:
     """NCHW unless the input goes through a Transpose to channel-first (an NHWC export)."""
     x = comp.view.data_inputs[0].name
@@ -117,6 +138,7 @@ class Split(Pass):
             if not any(i and view.is_data(i) for i in node.input):
                 continue
             SPLIT_RULES[node.op_type](comp, node)
+            propagate_zero_n(comp, node)
             res.apply(f"{node.op_type} {node_label(node)}")
         sp = comp.stream(comp.explained)
         ftype = comp.float_type

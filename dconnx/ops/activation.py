@@ -14,7 +14,7 @@ def split_relu(comp, node):
     sp = comp.stream(node.input[0])
     y = node.output[0]
     P = comp.b.op("Max", [sp.p, sp.n], hint=f"{y}::P")
-    set_streams(comp, y, P, sp.n, recenter=True)
+    set_streams(comp, y, P, sp.n, recenter=True, nonneg=True)
     if comp.opts.stabilize == "recenter":
         comp.zero_streams.add(comp.stream(y).n)     # max(P, N) ≥ N: nothing is left on n
 

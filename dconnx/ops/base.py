@@ -84,8 +84,10 @@ class LinearMap:
         return "W"
 
 
-def set_streams(comp: Compilation, y: str, P: str, N: str, recenter: bool) -> None:
-    """Record an op's output streams and apply recentering where the op is a recentering point."""
+def set_streams(comp: Compilation, y: str, P: str, N: str, recenter: bool,
+                nonneg: bool = False) -> None:
+    """Record an op's output streams and apply recentering where the op is a recentering point.
+    `nonneg`: the original activation y is ≥ 0 (a Relu's output), so relu(y) is y itself."""
     comp.pre_streams[y] = StreamPair(P, N)
     if recenter and comp.opts.stabilize == "recenter":
         b = comp.b
@@ -93,8 +95,8 @@ def set_streams(comp: Compilation, y: str, P: str, N: str, recenter: bool) -> No
             d = y          # p − n is the original activation
         else:
             d = b.sub(P, N, hint=f"{y}::d")
-        comp.streams[y] = StreamPair(b.relu(d, hint=f"{y}::p"),
-                                     b.relu(b.neg(d), hint=f"{y}::n"))
+        p = y if nonneg and comp.opts.share_forward else b.relu(d, hint=f"{y}::p")
+        comp.streams[y] = StreamPair(p, b.relu(b.neg(d), hint=f"{y}::n"))
     else:
         comp.streams[y] = StreamPair(P, N)
 

@@ -9,6 +9,14 @@ g-relevance minus h-relevance, which is what the map needs. Denominators are
 each op's own output streams (before recentering); recentering passes
 relevance unchanged. A part that is structurally zero (the n-stream after a
 recentered Relu) is None and costs nothing.
+
+Relevance on a p-stream is always that stream times something (the ε-rule), or
+moved from such relevance by data movement, winner-takes-all routing or sums;
+it vanishes wherever its stream does. Such names are kept in `p_supported`.
+Under recentering a Relu's output p-stream is relu(x), zero where the mask is
+zero, so the Relu rule's (1 − m)·R_Yp share to the N-stream is exactly zero:
+the N part stays None and the next weight layer needs one product (W⁺ᵀ), not
+two. Injected vectors are not p-supported and take the full rule.
 """
 from __future__ import annotations
 
@@ -24,6 +32,13 @@ class SplitLRP(RuleSet):
     def __init__(self, comp):
         super().__init__(comp)
         self.eps = self.b.scalar(comp.opts.lrp_epsilon)
+        self.p_supported: set[str] = set()   # relevance names that vanish where their p-stream does
+
+    def _supported(self, out, *inputs):
+        """Mark `out` p-supported when every non-None input is."""
+        if out is not None and all(i is None or i in self.p_supported for i in inputs):
+            self.p_supported.add(out)
+        return out
 
     def _denominator(self, name):
         return self.comp.cached(("lrp_den", name), lambda: self.b.add(name, self.eps))
@@ -35,7 +50,9 @@ class SplitLRP(RuleSet):
         """stream ⊙ c, or None when the stream is structurally zero."""
         if c is None or self.comp.is_zero(stream):
             return None
-        return self.b.mul(stream, c)
+        out = self.b.mul(stream, c)
+        self.p_supported.add(out)     # only the first part of a cotangent is ever read as such
+        return out
 
     def _add(self, a, c):
         if a is None:
@@ -47,7 +64,9 @@ class SplitLRP(RuleSet):
     def seed(self, onehot):
         sp = self.comp.stream(self.comp.explained)
         b = self.b
-        return (b.mul(onehot, sp.p, hint="lrpseed/p"), b.neg(b.mul(onehot, sp.n), hint="lrpseed/n"))
+        rp = b.mul(onehot, sp.p, hint="lrpseed/p")
+        self.p_supported.add(rp)
+        return (rp, b.neg(b.mul(onehot, sp.n), hint="lrpseed/n"))
 
     def inject(self, vector):
         return (vector, None)
@@ -59,7 +78,9 @@ class SplitLRP(RuleSet):
     def linear(self, ct, lin):
         RP, RN = ct
         if lin.kind == "move":
-            return tuple(None if r is None else lin.transpose(r) for r in ct)
+            moved = tuple(None if r is None else lin.transpose(r) for r in ct)
+            self._supported(moved[0], RP)
+            return moved
         b = self.b
         pre, post = self.comp.pre_stream(lin.y), self.comp.stream(lin.x)
         sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
@@ -85,6 +106,8 @@ class SplitLRP(RuleSet):
         RP, RN = ct
         if RP is None:
             return ct
+        if RN is None and RP in self.p_supported and self.comp.opts.stabilize == "recenter":
+            return (RP, None)      # R_Yp is 0 where m is: R_P = m·R_Yp = R_Yp, R_N = (1 − m)·R_Yp = 0
         m = self.mask(node)
         routed = self.b.add(RP, RN) if RN is not None else RP
         return (self.comp.where(m, RP),
@@ -93,7 +116,9 @@ class SplitLRP(RuleSet):
     def maxpool(self, ct, win):
         RP, RN = ct
         if self.comp.opts.maxpool == "wta":
-            return tuple(None if r is None else win.route(r) for r in ct)
+            routed = tuple(None if r is None else win.route(r) for r in ct)
+            self._supported(routed[0], RP)
+            return routed
         b = self.b
         pre, post = self.comp.pre_stream(win.y), self.comp.stream(win.x)
         sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
@@ -122,11 +147,16 @@ class SplitLRP(RuleSet):
             parts = [c[i] for c in cts if c[i] is not None]
             out.append(None if not parts else parts[0] if len(parts) == 1 else
                        self.b.op("Sum", parts, hint=f"{name}::ct.lrp{i}"))
+        if out[0] is not None and len([c for c in cts if c[0] is not None]) > 1:
+            self._supported(out[0], *[c[0] for c in cts])
         return tuple(out)
 
     def move_multi(self, ct, pieces):
         per_part = [None if part is None else pieces(part) for part in ct]
         n = len(next(p for p in per_part if p is not None))
+        if per_part[0] is not None:
+            for piece in per_part[0]:
+                self._supported(piece, ct[0])
         return [tuple(None if pp is None else pp[j] for pp in per_part) for j in range(n)]
 
     def map_at(self, ct, like: str) -> str:

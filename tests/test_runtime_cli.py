@@ -44,6 +44,22 @@ def test_explainer_batches_and_reports_provider(converted):
     assert np.allclose(out["logits"], logits, atol=1e-5)
 
 
+def test_io_binding_gives_the_same_outputs(converted):
+    """IO binding (on by default for CUDA) binds inputs and outputs to the provider's device;
+    on the CPU it must return exactly what a plain run returns, for every output."""
+    _, _, path = converted
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    plain, bound = Explainer(path, io_binding=False), Explainer(path, io_binding=True)
+    assert bound.io_binding and not plain.io_binding
+    assert Explainer(path).io_binding == (Explainer(path).provider == "CUDAExecutionProvider")
+    a, b = plain(x, target=[1, 0, 3, 2], alpha=0.4), bound(x, target=[1, 0, 3, 2], alpha=0.4)
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    with pytest.raises(dconnx.DconnxError, match="io_binding"):
+        Explainer(path, io_binding="sometimes")
+
+
 def test_target_and_alpha_inputs_change_the_maps(converted):
     _, _, path = converted
     ex = Explainer(path)

@@ -34,7 +34,7 @@ clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
 # The full explanation-quality benchmark of docs/results.md (dconnx eval on the trained
-# fixture; about an hour on 2 CPU cores). Plots need the `eval` extra (matplotlib, scikit-image).
+# fixture; about 20 minutes on 2 CPU cores). Plots need the `eval` extra (matplotlib, scikit-image).
 STAMP_EVAL := $(VENV)/.installed-eval
 EVAL_OUT   ?= eval-out
 EVAL_ARGS  ?= --data synthetic --n 256 --layers 0,3,6,8,11 --alphas 0,0.2,0.3,0.35,0.4,0.45,0.5 \

@@ -513,7 +513,7 @@ def bench_group(name, batch, device, cands, files, args, out, results, log, zygo
             spec = dict(kind=CAND[c][1], opts=CAND[c][3], model=name, device=device,
                         file=files.get(c), input=str(gdir / "input.npy"), target=str(gdir / "target.npy"),
                         threads=args.threads, warm_limit=args.warm_limit, inner_budget=args.inner_budget,
-                        max_inner=args.max_inner, shrink_arena=big, timeout=args.call_timeout,
+                        max_inner=args.max_inner, shrink_arena=args.shrink_arena and big, timeout=args.call_timeout,
                         map_out=str(gdir / f"{c}.npy") if rnd == 0 else None)
             res = zygotes.run(spec)
             row = rows[c]
@@ -664,7 +664,8 @@ def markdown(meta, results, conversions, agreements, profiles) -> str:
          f"pytorch-grad-cam {meta['versions'].get('grad-cam')}; authors' code: {meta['authors']}",
          f"- repeats (rounds) requested: {meta['repeats']}; warm-up call unless a call takes "
          f"> {meta['warm_limit']} s (then timed cold); candidates slower than {meta['slow_limit']} s "
-         f"get one round; each sample = median of the timed calls in one fresh process",
+         f"get one round; each sample = median of the timed calls in one fresh process; onnxruntime's "
+         f"memory arena {'shrunk after every call' if meta.get('shrink_arena') else 'kept between calls (a serving process)'}",
          f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')}"]
     for e in meta.get("earlier", []):
         L.append(f"- merged from an earlier run ({e['command']}, {e['started']} – {e['finished']}, models {e['models']})")
@@ -821,6 +822,10 @@ def main(argv=None):
     ap.add_argument("--inner-budget", type=float, default=3.0,
                     help="seconds of timed calls per process (at least one call, at most --max-inner)")
     ap.add_argument("--max-inner", type=int, default=15)
+    ap.add_argument("--shrink-arena", action="store_true",
+                    help="shrink onnxruntime's memory arena after every call on the big models (each "
+                         "call then allocates and faults in its working memory again); default: the arena "
+                         "stays allocated between calls, as in a serving process")
     ap.add_argument("--call-timeout", type=int, default=3600)
     ap.add_argument("--profile", default=None,
                     help="candidates to profile with onnxruntime at the largest batch "
@@ -888,7 +893,7 @@ def main(argv=None):
     meta = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                 cpu=cpu_name(), cores=os.cpu_count(), threads=args.threads, gpu=gpu,
                 device_desc=f"CPU: {cpu_name()}, {args.threads} threads", versions=versions(),
-                authors=authors_desc, repeats=args.repeats, warm_limit=args.warm_limit,
+                authors=authors_desc, repeats=args.repeats, warm_limit=args.warm_limit, shrink_arena=args.shrink_arena,
                 slow_limit=args.slow_limit, load_start=" ".join(f"{v:.2f}" for v in os.getloadavg()),
                 models=models, batches=batches, candidates=cands, mem_total_mb=round(
                     os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20))

@@ -73,6 +73,11 @@ class LinearMap:
     def bias(self, variant: str = "W") -> str | None:
         return None
 
+    def apply_biased(self, x: str, variant: str = "W") -> str:
+        """apply(x) + bias, in one op where the op takes a bias (Conv, Gemm): the runtime then
+        keeps the result in its blocked layout and can fuse the sum that follows."""
+        return _plus(self.b, self.apply(x, variant), self.bias(variant), f"{self.y}::{variant}b")
+
     def weight(self) -> str | None:
         """The weight tensor (for per-layer α), if any."""
         return None
@@ -125,8 +130,7 @@ def split_linear(comp: Compilation, lin: LinearMap, recenter: bool) -> None:
         P = _plus(b, P, lin.bias("pos"), f"{y}::P")
         N = _plus(b, N, lin.bias("neg"), f"{y}::N")
     else:
-        S = lin.apply(comp.stream_sum(lin.x), "abs")
-        S = _plus(b, S, lin.bias("abs"), f"{y}::S")
+        S = lin.apply_biased(comp.stream_sum(lin.x), "abs")
         if comp.opts.share_forward:
             D = y
         else:

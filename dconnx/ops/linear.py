@@ -37,6 +37,14 @@ class ConvMap(LinearMap):
                          dilations=self.dil, pads=self.pads, group=self.group,
                          hint=f"{self.y}::conv.{variant}")
 
+    def apply_biased(self, x, variant="W"):
+        if self.c is None:
+            return self.apply(x, variant)
+        w = weight_variant(self.comp, self.w, variant)
+        return self.b.op("Conv", [x, w, weight_variant(self.comp, self.c, variant)], kernel_shape=self.k,
+                         strides=self.strides, dilations=self.dil, pads=self.pads, group=self.group,
+                         hint=f"{self.y}::conv.{variant}b")
+
     def bias(self, variant="W"):
         if self.c is None:
             return None
@@ -108,6 +116,12 @@ class GemmMap(LinearMap):
 
     def bias(self, variant="W"):
         return None if self.c is None else weight_variant(self.comp, self.c, variant)
+
+    def apply_biased(self, x, variant="W"):
+        if self.c is None:
+            return self.apply(x, variant)
+        return self.b.op("Gemm", [x, weight_variant(self.comp, self.w, variant), self.bias(variant)],
+                         transB=self.trans_b or None, hint=f"{self.y}::gemm.{variant}b")
 
     def transpose(self, ct, variant="W"):
         return self.b.op("Gemm", [ct, weight_variant(self.comp, self.w, variant)],

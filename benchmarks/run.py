@@ -26,7 +26,9 @@ and memory never piles up. The candidates of a group are interleaved: round r
 runs every candidate once, in an order rotated by r (reversed on odd rounds). Inside a subprocess one
 untimed warm-up call precedes the timed calls (their median is the sample);
 a call slower than --warm-limit seconds is timed cold instead, and a
-candidate slower than --slow-limit gets one round only. Reported times are
+candidate slower than --slow-limit gets one round only. A measurement is stopped
+(and reported as not fitting) when the machine's free memory falls below
+MEM_FLOOR_MB. Reported times are
 medians over rounds. Results go to OUT/results.{csv,json,md} and
 OUT/results_<device>.png; --profile adds per-op-type onnxruntime profiles.
 """
@@ -51,7 +53,7 @@ for p in (ROOT / "models", ROOT / "tests", ROOT):
 
 MODELS = ("fixture", "vgg16", "resnet50")
 INPUT = {"fixture": (3, 64, 64), "vgg16": (3, 224, 224), "resnet50": (3, 224, 224)}
-PEAK_MARGIN_MB = 2500          # memory guard: keep this much free beside an estimated peak
+MEM_FLOOR_MB = 1500            # memory guard: a measurement is stopped when less than this is free
 
 # (name, kind, label, options); methods/layer are dconnx conversion options ("cam" = the CAM layer)
 CANDIDATES = [
@@ -347,8 +349,16 @@ def zygote(kind: str) -> None:
         os.close(w)
         chunks, deadline = [], time.time() + spec.get("timeout", 3600)
         while True:
-            ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.time()))
+            # wake every second: a child that would exhaust the machine's memory is stopped
+            ready, _, _ = select.select([r], [], [], min(1.0, max(0.0, deadline - time.time())))
             if not ready:
+                if mem_available_mb() < MEM_FLOOR_MB:
+                    os.kill(pid, signal.SIGKILL)
+                    chunks = [json.dumps({"error": f"stopped: free memory fell below {MEM_FLOOR_MB} MB "
+                                                   "(the candidate does not fit on this machine)"}).encode()]
+                    break
+                if time.time() < deadline:
+                    continue
                 os.kill(pid, signal.SIGKILL)
                 chunks = [json.dumps({"error": f"timed out after {spec.get('timeout')} s"}).encode()]
                 break
@@ -461,20 +471,6 @@ class Zygotes:
         self.procs = {}
 
 
-def estimate_peak(results, model, batch, cand, device):
-    """Peak RSS at `batch` extrapolated linearly from the same candidate at a smaller batch."""
-    best = None
-    for r in results:
-        if (r["model"], r["candidate"], r["device"]) == (model, cand, device) and r["batch"] < batch \
-                and r.get("maxrss_mb") and r.get("rss_loaded_mb"):
-            if best is None or r["batch"] > best["batch"]:
-                best = r
-    if best is None:
-        return None
-    per = max(0.0, best["maxrss_mb"] - best["rss_loaded_mb"]) / best["batch"]
-    return best["rss_loaded_mb"] + per * batch
-
-
 def bench_group(name, batch, device, cands, files, args, out, results, log, zygotes):
     import numpy as np
     gdir = out / "runs" / f"{name}_b{batch}_{device}"
@@ -499,13 +495,6 @@ def bench_group(name, batch, device, cands, files, args, out, results, log, zygo
                 continue
             if c in args.skip_at.get((name, batch), ()):
                 rows[c]["note"] = "not run here (--skip-at)"
-                done.add(c)
-                continue
-            est = estimate_peak(results, name, batch, c, device)
-            if est is not None and est + PEAK_MARGIN_MB > mem_available_mb():
-                rows[c]["note"] = (f"not run: estimated peak {est / 1024:.1f} GB does not fit beside the "
-                                   f"{mem_available_mb() / 1024:.1f} GB available")
-                log(f"  {name} b{batch} {c}: {rows[c]['note']}")
                 done.add(c)
                 continue
             todo.append(c)

@@ -11,9 +11,7 @@ this process) and "ray" (one session per Ray actor; see dconnx/dataset_ray.py).
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DconnxError, InputError, OptionError
+from .io import atomic_write
 
 ENGINES = ("local", "ray")
 
@@ -94,17 +93,6 @@ class DatasetRun:
                 + (f"; {len(self.failed)} unreadable (listed in manifest.json)" if self.failed else ""))
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _savez(path, arrays: dict) -> None:
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -142,7 +130,7 @@ class ChunkWriter:
                 if key not in ("ok", "error"):
                     arrays[key] = np.stack([rows[i][key] for i in ok])
         path = self.out / f"chunk-{k:05d}.npz"
-        _atomic(path, lambda tmp: _savez(tmp, arrays))
+        atomic_write(path, lambda tmp: _savez(tmp, arrays))
         entry = {"file": path.name, "first": order[0], "count": len(order), "explained": len(ok),
                  "first_file": self.names[order[0]], "last_file": self.names[order[-1]], "failed": failed}
         self.manifest["chunks"] = sorted([c for c in self.manifest["chunks"] if c["file"] != path.name]
@@ -155,7 +143,7 @@ class ChunkWriter:
     def save(self) -> None:
         self.manifest["failed"] = [f for c in self.manifest["chunks"] for f in c["failed"]]
         text = json.dumps(self.manifest, indent=1)
-        _atomic(self.out / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.out / "manifest.json", lambda tmp: Path(tmp).write_text(text))
 
 
 class Progress:

@@ -149,6 +149,21 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def atomic_write(path, write, suffix: str = "") -> Path:
+    """write(tmp_path) into a temporary file beside `path`, then rename: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> Path:
     """Write `model` to `path` atomically (temporary file, then rename).
 

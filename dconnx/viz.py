@@ -1,13 +1,12 @@
 """Heatmap pictures: colormaps, overlays on the input image, labelled panels (numpy + Pillow)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .io import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,27 +110,12 @@ def panel(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "") -> np
     return np.asarray(canvas)
 
 
-def _atomic_write(path, suffix: str, write) -> Path:
-    """write(tmp_path) into a temporary file beside `path`, then rename: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_png(array: np.ndarray, path) -> Path:
     """Write an RGB uint8 array as PNG atomically."""
     from PIL import Image
-    return _atomic_write(path, ".png", lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), ".png")
 
 
 def save_npy(array: np.ndarray, path) -> Path:
     """Write an array as .npy atomically."""
-    return _atomic_write(path, ".npy", lambda tmp: np.save(tmp, array))
+    return atomic_write(path, lambda tmp: np.save(tmp, array), ".npy")

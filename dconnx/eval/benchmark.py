@@ -329,12 +329,16 @@ def _table_lines(res: Result, pf_steps: int) -> list:
 
 def table(res: Result, pf_steps: int = 20) -> str:
     """The poster-shaped table: method × layer × α against the metrics."""
-    lines = _table_lines(res, pf_steps)
-    head = lines[0]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return _aligned(_table_lines(res, pf_steps), left=3)
+
+
+def _aligned(lines: list, left: int) -> str:
+    """Rows as text columns: the first `left` left-aligned, the rest right-aligned; a rule under
+    the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for j, line in enumerate(lines):
-        out.append("  ".join(s.ljust(w) if i < 3 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
+        out.append("  ".join(s.ljust(w) if i < left else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -354,13 +358,8 @@ def csc_table(res: Result) -> str:
     head = ["method", "α"] + [f"L{l}" for l in layers]
     lines = [head] + [[m, "" if a == "" else f"{a:g}"] + [_fmt(v.get(l)) for l in layers]
                       for (m, a), v in series.items()]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = [f"CSC: median |cos| of two injected relevance vectors (inject at layer {res.csc[0]['inject']})"]
-    for j, line in enumerate(lines):
-        out.append("  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    title = f"CSC: median |cos| between injected random relevance vectors (inject at layer {res.csc[0]['inject']})"
+    return title + "\n" + _aligned(lines, left=2)
 
 
 def _md(lines: list) -> str:

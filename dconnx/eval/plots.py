@@ -8,6 +8,13 @@ import numpy as np
 from .benchmark import HEADERS, METRICS, Result
 
 
+def _save(plt, fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def _plt():
     try:
         import matplotlib
@@ -54,14 +61,11 @@ def alpha_sweep(res: Result, path, pf_steps: int = 20) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle("α sweep (dashed: gradient at the first method's layers)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def csc_curves(res: Result, path) -> Path | None:
-    """Median |cos| of two injected relevance vectors at each lower layer, per method."""
+    """Median |cos| between injected random relevance vectors at each lower layer, per method."""
     if not res.csc:
         return None
     plt = _plt()
@@ -81,10 +85,7 @@ def csc_curves(res: Result, path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     ax.set_title("cosine-similarity convergence (CSC)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def mprt_curves(res: Result, path) -> Path | None:
@@ -114,10 +115,7 @@ def mprt_curves(res: Result, path) -> Path | None:
         ax.set_title(f"cascading randomization, maps at layer {layer}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def gallery(rgb: np.ndarray, maps: dict, path, *, titles=None, row_labels=None, max_cols=None) -> Path:

@@ -40,6 +40,12 @@ class SplitLRP(RuleSet):
             self.p_supported.add(out)
         return out
 
+    def _each(self, ct, move):
+        """Both parts moved alike (data movement, winner-takes-all routing): support is kept."""
+        moved = tuple(None if r is None else move(r) for r in ct)
+        self._supported(moved[0], ct[0])
+        return moved
+
     def _denominator(self, name):
         return self.comp.cached(("lrp_den", name), lambda: self.b.add(name, self.eps))
 
@@ -78,9 +84,7 @@ class SplitLRP(RuleSet):
     def linear(self, ct, lin):
         RP, RN = ct
         if lin.kind == "move":
-            moved = tuple(None if r is None else lin.transpose(r) for r in ct)
-            self._supported(moved[0], RP)
-            return moved
+            return self._each(ct, lin.transpose)
         b = self.b
         pre, post = self.comp.pre_stream(lin.y), self.comp.stream(lin.x)
         sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
@@ -116,9 +120,7 @@ class SplitLRP(RuleSet):
     def maxpool(self, ct, win):
         RP, RN = ct
         if self.comp.opts.maxpool == "wta":
-            routed = tuple(None if r is None else win.route(r) for r in ct)
-            self._supported(routed[0], RP)
-            return routed
+            return self._each(ct, win.route)
         b = self.b
         pre, post = self.comp.pre_stream(win.y), self.comp.stream(win.x)
         sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)

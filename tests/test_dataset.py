@@ -123,8 +123,8 @@ def test_cli_with_progress_bar(model, folder, tmp_path):
 RAY = importlib.util.find_spec("ray") is not None
 
 
-@pytest.mark.skipif(not RAY, reason="Ray is not installed (it is the optional `ray` extra, ~420 MB with "
-                    "pyarrow, kept out of `test`): pip install '.[ray]' to run this test")
+@pytest.mark.skipif(not RAY, reason="Ray is not installed (the `ray` extra, part of `test`): "
+                    "pip install '.[ray]' to run this test")
 def test_ray_engine_equals_local(model, folder, tmp_path):
     """`--engine ray` on a local Ray instance (started and stopped by the command, in a subprocess)."""
     local = explain_dataset(model, folder, tmp_path / "local", batch_size=4, chunk_size=4, progress=False)

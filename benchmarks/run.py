@@ -294,8 +294,7 @@ def measure(spec) -> dict:
     else:
         # a second warm-up call: onnxruntime allocates its planned memory pattern on the second
         # run (one block, faulted in then), so steady state starts with the third
-        if 2 * first <= spec["warm_limit"]:
-            call()
+        call()
         n = int(max(1, min(spec["max_inner"], spec["inner_budget"] // max(first, 1e-6))))
         for _ in range(n):
             t = time.perf_counter()
@@ -656,8 +655,8 @@ def markdown(meta, results, conversions, agreements, profiles) -> str:
          f"- onnxruntime {meta['versions'].get('onnxruntime')}, torch {meta['versions'].get('torch')}, "
          f"zennit {meta['versions'].get('zennit')}, captum {meta['versions'].get('captum')}, "
          f"pytorch-grad-cam {meta['versions'].get('grad-cam')}; authors' code: {meta['authors']}",
-         f"- repeats (rounds) requested: {meta['repeats']}; two warm-up calls (one when a call takes "
-         f"> {meta['warm_limit']}/2 s; none and timed cold when it takes > {meta['warm_limit']} s); candidates slower than {meta['slow_limit']} s "
+         f"- repeats (rounds) requested: {meta['repeats']}; two warm-up calls (none, and the first "
+         f"call timed cold, when it takes > {meta['warm_limit']} s); candidates slower than {meta['slow_limit']} s "
          f"get one round; each sample = median of the timed calls in one fresh process; onnxruntime's "
          f"memory arena {'shrunk after every call' if meta.get('shrink_arena') else 'kept between calls (a serving process)'}",
          f"- load average at start / end: {meta['load_start']} / {meta.get('load_end')}"]

@@ -581,7 +581,8 @@ def profile_candidate(file, x, target, threads, out_json, warm=True):
     feeds = {sess.get_inputs()[0].name: x}
     if "target" in names:
         feeds["target"] = target
-    if warm:
+    if warm:     # two warm-up runs, as in measure(): the profiled run is in steady state
+        sess.run(None, feeds)
         sess.run(None, feeds)
     sess.run(None, feeds)
     prof = sess.end_profiling()
@@ -720,7 +721,7 @@ def markdown(meta, results, conversions, agreements, profiles) -> str:
             for pair, v in d.items():
                 L.append(f"| {g} | {pair} | {v:.2e} |")
     if profiles:
-        L += ["", "## onnxruntime profiles (per op type, one run after a warm-up)", ""]
+        L += ["", "## onnxruntime profiles (per op type, one run after two warm-ups)", ""]
         for key, p in profiles.items():
             if "error" in p:
                 L += [f"### {key}", "", f"error: {p['error']}", ""]

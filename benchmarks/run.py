@@ -89,6 +89,44 @@ PAIRS = [("splitgrad", "torch_split_splitgrad"), ("splitlrp", "torch_split_split
          ("splitcam_cam", "captum_layergradcam"), ("splitcam_cam", "gradcam_layercam"),
          ("layercam_cam", "gradcam_layercam"), ("ort_gradient", "torch_gradient"),
          ("ort_forward", "torch_forward")]
+# the performance targets of the project (issue "Performance"): (what, numerator, denominator, bound,
+# at most / at least, models, batches); ratios of medians measured in the same group of one run
+TARGETS = [
+    ("SplitGrad / ORT forward+gradient", "splitgrad", "ort_gradient", 2.5, "max", ("vgg16", "resnet50"), (16,)),
+    ("all three heads / ORT forward+gradient", "split_all3", "ort_gradient", 3.5, "max", ("vgg16", "resnet50"), (16,)),
+    ("PyTorch split SplitGrad / dconnx SplitGrad", "torch_split_splitgrad", "splitgrad", 3.0, "min", None, None),
+    ("PyTorch split SplitLRP / dconnx SplitLRP", "torch_split_splitlrp", "splitlrp", 3.0, "min", None, None),
+    ("Zennit LRP-ε / dconnx SplitGrad", "zennit_lrp_epsilon", "splitgrad", 2.0, "min", None, None),
+    ("Zennit LRP-ε / dconnx SplitLRP", "zennit_lrp_epsilon", "splitlrp", 2.0, "min", None, None),
+]
+SIZE_TARGET, CONVERT_TARGET_S = 1.05, 10.0      # converted file / original; VGG16 conversion seconds
+
+
+def target_rows(results, conversions):
+    """Each target checked on every group of the run that measured both candidates."""
+    rows, groups = [], {}
+    for r in results:
+        if r.get("median_s"):
+            groups.setdefault((r["device"], r["model"], r["batch"]), {})[r["candidate"]] = r["median_s"]
+    for what, a, b, bound, kind, models, batches in TARGETS:
+        for (dev, model, batch), t in groups.items():
+            if (models and model not in models) or (batches and batch not in batches) or a not in t or b not in t:
+                continue
+            v = t[a] / t[b]
+            ok = v <= bound if kind == "max" else v >= bound
+            rows.append((what, f"{model} b{batch} {dev}", f"{v:.2f}×", f"{'≤' if kind == 'max' else '≥'} {bound:g}×", ok))
+    for model in dict.fromkeys(c["model"] for c in conversions):     # the worst conversion of each model
+        cs = [c for c in conversions if c["model"] == model]
+        big = max(cs, key=lambda c: c["size_ratio"])
+        rows.append(("largest converted file / original", f"{model} {big['candidate']}", f"{big['size_ratio']:.4f}×",
+                     f"≤ {SIZE_TARGET:g}×", big["size_ratio"] <= SIZE_TARGET))
+        if model == "vgg16":
+            slow = max(cs, key=lambda c: c["convert_s"])
+            rows.append(("slowest VGG16 conversion (load, passes, checks)", f"vgg16 {slow['candidate']}",
+                         f"{slow['convert_s']:.2f} s", f"< {CONVERT_TARGET_S:g} s", slow["convert_s"] < CONVERT_TARGET_S))
+    return rows
+
+
 # map agreement: (candidate, reference candidate)
 AGREE = [("torch_split_splitgrad", "splitgrad"), ("torch_split_splitlrp", "splitlrp"),
          ("zennit_lrp_epsilon", "lrp_epsilon"), ("authors_splitgrad", "splitgrad"),
@@ -669,6 +707,14 @@ def markdown(meta, results, conversions, agreements, profiles) -> str:
         key = (r["device"], r["model"], r["batch"])
         if key not in groups:
             groups.append(key)
+    rows = target_rows(results, conversions)
+    if rows:
+        missed = [r for r in rows if not r[4]]
+        L += ["## Targets", "", f"{len(rows) - len(missed)} of {len(rows)} checks met"
+              + (f"; missed: {', '.join(sorted({f'{r[0]} ({r[1]})' for r in missed}))}" if missed else "") + ".", "",
+              "| target | where | measured | bound | met |", "|---|---|---:|---:|---|"]
+        L += [f"| {w} | {g} | {v} | {b} | {'yes' if ok else '**no**'} |" for w, g, v, b, ok in rows]
+        L.append("")
     L += ["## Times", "",
           "Median wall time of one call for the whole batch; ratios to ORT forward+gradient "
           "(`/grad`) and to ORT forward (`/fwd`) of the same group; peak RSS of the candidate's own "
@@ -824,6 +870,8 @@ def main(argv=None):
     ap.add_argument("--profile", default=None,
                     help="candidates to profile with onnxruntime at the largest batch "
                          "(default in a full run: ort_forward,ort_gradient,splitgrad,splitlrp,split_all3; 'none')")
+    ap.add_argument("--report", action="store_true",
+                    help="write results.md and the plot again from OUT/results.json, measuring nothing")
     ap.add_argument("--zygote", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -831,6 +879,12 @@ def main(argv=None):
         return zygote(args.zygote)
     if args.profile_worker:
         return profile_worker(args.profile_worker)
+    if args.report:
+        out = Path(args.out or ROOT / "benchmarks" / "out")
+        old = json.load(open(out / "results.json"))
+        write_reports(out, old["meta"], old["results"], old["conversions"], old["agreement"], old["profiles"], print)
+        print(f"wrote {out / 'results.md'} from {out / 'results.json'}")
+        return 0
 
     skip_at = {}
     for part in filter(None, args.skip_at.split(";")):

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import dconnx  # noqa: E402
 from dconnx.runtime import Explainer  # noqa: E402
 from helpers import export  # noqa: E402
-from test_numerics import magnitudes, plain_cnn  # noqa: E402
+from test_numerics import measure, plain_cnn  # noqa: E402
 
 
 def _model(name: str, cache: Path):
@@ -61,12 +61,9 @@ def rows_for(name: str, model: onnx.ModelProto, x: np.ndarray) -> list[dict]:
         maps32 = {}
         for alpha in (0.0, 0.35):
             for fp16 in (False, True):
-                r = magnitudes(conv, original, {"input": x, "alpha": np.array(alpha, np.float32)}, fp16=fp16)
-                out = r["out"]
-                logits = out[model.graph.output[0].name].astype(np.float64)
+                r = measure(conv, original, x, alpha, fp16=fp16)
+                out, err = r["out"], r["gh_rel_err"]
                 with np.errstate(invalid="ignore", over="ignore"):
-                    gh = out["g"].astype(np.float64) - out["h"].astype(np.float64)
-                    err = float(np.max(np.abs(gh - logits)) / (np.max(np.abs(logits)) + 1e-30))
                     d_in = max(float(np.max(np.abs(out[f"input::{k}"]))) for k in ("dpp", "dnp", "dpn", "dnn"))
                 if not fp16:
                     maps32[alpha] = out["splitgrad"]
@@ -76,9 +73,9 @@ def rows_for(name: str, model: onnx.ModelProto, x: np.ndarray) -> list[dict]:
                     map_err = float(np.max(np.abs(m - maps32[alpha])) / (np.max(np.abs(maps32[alpha])) + 1e-30))
                 rows.append(dict(model=name, stabilize=stab, alpha=alpha,
                                  precision="float16 (emulated)" if fp16 else "float32",
-                                 activations=r["max"]["original"], streams=r["max"]["streams"],
+                                 activations=r["original"], streams=r["streams"],
                                  g_h=float(max(np.abs(out["g"]).max(), np.abs(out["h"]).max())),
-                                 sensitivities=r["max"]["sensitivities"], input_delta=d_in,
+                                 sensitivities=r["sensitivities"], input_delta=d_in,
                                  gh_rel_err=err, map_rel_err_vs_f32=map_err, non_finite=r["non_finite"],
                                  convert_s=round(convert_s, 2)))
                 print(_line(rows[-1]), flush=True)

@@ -75,6 +75,12 @@ def test_quick_run_writes_well_formed_tables(quick_run):
         assert set(block[1].replace("|", "").strip()) <= set("-: ") and block[1].count("|") == n, block[:2]
         assert len(block) >= 3 and all(line.endswith("|") and line.count("|") == n for line in block), block
     assert (quick_run / "results_cpu.png").stat().st_size < 500_000
+    # the targets table holds the run's own ratios
+    t = {r["candidate"]: float(r["median_s"]) for r in rows}
+    line = next(ln for ln in md.splitlines() if ln.startswith("| Zennit LRP-ε / dconnx SplitLRP | fixture b2 cpu |"))
+    measured = float(line.split("|")[3].strip().rstrip("×"))
+    assert measured == pytest.approx(t["zennit_lrp_epsilon"] / t["splitlrp"], abs=0.0051)
+    assert line.split("|")[5].strip() == ("yes" if measured >= 2 else "**no**")
     # the maps the run compared: the PyTorch split implementation agrees with dconnx
     agree = json.load(open(quick_run / "results.json"))["agreement"]["fixture b2 cpu"]
     assert agree["torch_split_splitgrad vs splitgrad"] < 1e-3
@@ -118,3 +124,15 @@ def test_torch_split_alpha_and_hidden_layer(fixture_maps):
         a, b = got[name].double().numpy(), want[name].astype(np.float64)
         rel = np.linalg.norm(a - b) / np.linalg.norm(b)
         assert rel <= 1e-3, (name, rel)
+
+
+def test_report_rewrites_the_same_tables_from_json(quick_run, tmp_path):
+    """--report renders results.md again from results.json without measuring anything."""
+    import shutil
+    copy = tmp_path / "out"
+    shutil.copytree(quick_run, copy)
+    (copy / "results.md").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--report", "--out", str(copy)],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (copy / "results.md").read_text() == (quick_run / "results.md").read_text()

@@ -131,7 +131,7 @@ def measure(conv: onnx.ModelProto, original: set, x: np.ndarray, alpha: float, f
     with np.errstate(invalid="ignore", over="ignore"):
         gh = out["g"].astype(np.float64) - out["h"].astype(np.float64)
         err = float(np.max(np.abs(gh - logits)) / (np.max(np.abs(logits)) + 1e-30))
-    return {**r["max"], "gh_rel_err": err, "non_finite": r["non_finite"], "map": out["splitgrad"]}
+    return {**r["max"], "gh_rel_err": err, "non_finite": r["non_finite"], "map": out["splitgrad"], "out": out}
 
 
 # ----------------------------------------------------------------------------- CI: 100 layers

@@ -368,32 +368,30 @@ def _md(lines: list) -> str:
     return "\n".join(out)
 
 
+def _pivot(rows, row_keys, column, value):
+    """Long rows to a wide table: the columns in first-seen order, {row key tuple: {column: value}}."""
+    columns, series = [], {}
+    for r in rows:
+        if r[column] not in columns:
+            columns.append(r[column])
+        series.setdefault(tuple(r[k] for k in row_keys), {})[r[column]] = r[value]
+    return columns, series
+
+
 def markdown(res: Result, pf_steps: int = 20) -> str:
     """The tables of a run as Markdown (written as results.md next to the CSV files)."""
     parts = [f"Data: {res.data['name']}, {res.data['n']} images, targets: {res.data['targets']}"
              + (f", model accuracy {res.data['accuracy']:.3f}" if res.data.get("accuracy") is not None else ""),
              "", _md(_table_lines(res, pf_steps))]
     if res.mprt:
-        stages = []
-        for r in res.mprt:
-            if r["randomized_down_to"] not in stages:
-                stages.append(r["randomized_down_to"])
-        series = {}
-        for r in res.mprt:
-            series.setdefault((r["method"], r["layer"], r["alpha"]), {})[r["randomized_down_to"]] = r["ssim"]
+        stages, series = _pivot(res.mprt, ("method", "layer", "alpha"), "randomized_down_to", "ssim")
         lines = [["method", "layer", "α"] + stages]
         lines += [[m, str(l), "" if a == "" else f"{a:g}"] + [_fmt(v.get(s)) for s in stages]
                   for (m, l, a), v in series.items()]
         parts += ["", "Cascading randomization: mean SSIM (max with the inverted map) to the original map, "
                   "layers randomized from the top down to the named one", "", _md(lines)]
     if res.csc:
-        layers = []
-        for r in res.csc:
-            if r["layer"] not in layers:
-                layers.append(r["layer"])
-        series = {}
-        for r in res.csc:
-            series.setdefault((r["method"], r["alpha"]), {})[r["layer"]] = r["median"]
+        layers, series = _pivot(res.csc, ("method", "alpha"), "layer", "median")
         lines = [["method", "α"] + [f"layer {l}" for l in layers]]
         lines += [[m, "" if a == "" else f"{a:g}"] + [_fmt(v.get(l)) for l in layers] for (m, a), v in series.items()]
         parts += ["", f"CSC: median |cos| of random relevance vectors injected at layer {res.csc[0]['inject']}",

@@ -102,12 +102,18 @@ TARGETS = [
 SIZE_TARGET, CONVERT_TARGET_S = 1.05, 10.0      # converted file / original; VGG16 conversion seconds
 
 
-def target_rows(results, conversions):
-    """Each target checked on every group of the run that measured both candidates."""
-    rows, groups = [], {}
+def group_medians(results) -> dict:
+    """{(device, model, batch): {candidate: median seconds}} of the candidates that were measured."""
+    groups = {}
     for r in results:
         if r.get("median_s"):
             groups.setdefault((r["device"], r["model"], r["batch"]), {})[r["candidate"]] = r["median_s"]
+    return groups
+
+
+def target_rows(results, conversions):
+    """Each target checked on every group of the run that measured both candidates."""
+    rows, groups = [], group_medians(results)
     for what, a, b, bound, kind, models, batches in TARGETS:
         for (dev, model, batch), t in groups.items():
             if (models and model not in models) or (batches and batch not in batches) or a not in t or b not in t:
@@ -746,9 +752,10 @@ def markdown(meta, results, conversions, agreements, profiles) -> str:
     L += ["## dconnx against the peers", "",
           "Speed-up = peer time / dconnx time, same group (> 1: dconnx is faster).", "",
           "| model | batch | device | dconnx | peer | speed-up |", "|---|---:|---|---|---|---:|"]
-    for dev, model, batch in groups:
-        t = {r["candidate"]: r.get("median_s") for r in results
-             if (r["device"], r["model"], r["batch"]) == (dev, model, batch)}
+    medians = group_medians(results)
+    for key in groups:
+        dev, model, batch = key
+        t = medians.get(key, {})
         for a, b in PAIRS:
             if t.get(a) and t.get(b):
                 L.append(f"| {model} | {batch} | {dev} | {CAND[a][2]} | {CAND[b][2]} | {t[b] / t[a]:.2f}× |")

@@ -32,18 +32,18 @@ class ConvMap(LinearMap):
         return self.w
 
     def apply(self, x, variant="W"):
-        w = weight_variant(self.comp, self.w, variant)
-        return self.b.op("Conv", [x, w], kernel_shape=self.k, strides=self.strides,
-                         dilations=self.dil, pads=self.pads, group=self.group,
-                         hint=f"{self.y}::conv.{variant}")
+        return self._conv(x, variant, biased=False)
 
     def apply_biased(self, x, variant="W"):
-        if self.c is None:
-            return self.apply(x, variant)
-        w = weight_variant(self.comp, self.w, variant)
-        return self.b.op("Conv", [x, w, weight_variant(self.comp, self.c, variant)], kernel_shape=self.k,
-                         strides=self.strides, dilations=self.dil, pads=self.pads, group=self.group,
-                         hint=f"{self.y}::conv.{variant}b")
+        return self._conv(x, variant, biased=self.c is not None)
+
+    def _conv(self, x, variant, biased):
+        ins = [x, weight_variant(self.comp, self.w, variant)]
+        if biased:
+            ins.append(weight_variant(self.comp, self.c, variant))
+        return self.b.op("Conv", ins, kernel_shape=self.k, strides=self.strides,
+                         dilations=self.dil, pads=self.pads, group=self.group,
+                         hint=f"{self.y}::conv.{variant}{'b' if biased else ''}")
 
     def bias(self, variant="W"):
         if self.c is None:
@@ -111,17 +111,18 @@ class GemmMap(LinearMap):
         return self.w
 
     def apply(self, x, variant="W"):
-        return self.b.op("Gemm", [x, weight_variant(self.comp, self.w, variant)],
-                         transB=self.trans_b or None, hint=f"{self.y}::gemm.{variant}")
+        return self._gemm(x, variant, biased=False)
+
+    def apply_biased(self, x, variant="W"):
+        return self._gemm(x, variant, biased=self.c is not None)
+
+    def _gemm(self, x, variant, biased):
+        ins = [x, weight_variant(self.comp, self.w, variant)] + ([self.bias(variant)] if biased else [])
+        return self.b.op("Gemm", ins, transB=self.trans_b or None,
+                         hint=f"{self.y}::gemm.{variant}{'b' if biased else ''}")
 
     def bias(self, variant="W"):
         return None if self.c is None else weight_variant(self.comp, self.c, variant)
-
-    def apply_biased(self, x, variant="W"):
-        if self.c is None:
-            return self.apply(x, variant)
-        return self.b.op("Gemm", [x, weight_variant(self.comp, self.w, variant), self.bias(variant)],
-                         transB=self.trans_b or None, hint=f"{self.y}::gemm.{variant}b")
 
     def transpose(self, ct, variant="W"):
         return self.b.op("Gemm", [ct, weight_variant(self.comp, self.w, variant)],

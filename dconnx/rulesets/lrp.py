@@ -149,8 +149,7 @@ class SplitLRP(RuleSet):
             parts = [c[i] for c in cts if c[i] is not None]
             out.append(None if not parts else parts[0] if len(parts) == 1 else
                        self.b.op("Sum", parts, hint=f"{name}::ct.lrp{i}"))
-        if out[0] is not None and len([c for c in cts if c[0] is not None]) > 1:
-            self._supported(out[0], *[c[0] for c in cts])
+        self._supported(out[0], *[c[0] for c in cts])
         return tuple(out)
 
     def move_multi(self, ct, pieces):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from dconnx.ops import BACKWARD_RULES
+from dconnx.ops import BACKWARD_RULES, LINEAR_MAPS
 
 from . import Pass, PassResult
 from .split import ancestors, is_shift_point, node_key
@@ -80,13 +80,13 @@ def shift_factor(comp, node) -> str:
 
 
 def _weight_of(comp, node):
-    if node.op_type in ("Conv", "Gemm", "MatMul"):
-        return comp.view.const(node.input[1])
-    if node.op_type == "BatchNormalization":
-        v = comp.view
-        gamma, var = v.const(node.input[1]), v.const(node.input[4])
-        return gamma / np.sqrt(var + 1e-5)
-    return None
+    """The weight of a weight-linear node (Conv/Gemm/MatMul, an unfolded BatchNorm's scale),
+    read from the same LinearMap its split and backward rules use."""
+    make = LINEAR_MAPS.get(node.op_type)
+    if make is None:
+        return None
+    lin = make(comp, node)
+    return lin.weight_value() if lin.kind == "weight" else None
 
 
 class Backward(Pass):
@@ -112,11 +112,35 @@ class Backward(Pass):
         else:
             start = None
             seeds = {rs.name: rs.seed(comp.seed) for rs in rulesets}
+        _note_layers_without_alpha(comp, start or comp.explained)
         comp.cotangents = reverse_walk(comp, rulesets, seeds, wanted, start)
         comp.rulesets = {rs.name: rs for rs in rulesets}
         for rs in rulesets:
             res.apply(f"rule set {rs.name}")
         return res
+
+
+def shift_points_above(comp, tensor: str, start: str | None = None) -> list[str]:
+    """The α-shift points the backward walk crosses between `start` (default: the explained
+    output) and `tensor`: what makes the split sensitivities at `tensor` depend on α."""
+    start = start or comp.explained
+    between = (comp.needed_nodes if start == comp.explained else ancestors(comp, start)) & \
+        descendants(comp, {tensor})
+    return [node_key(n) for n in comp.model.graph.node if node_key(n) in between
+            and is_shift_point(comp, n) and node_key(n) not in comp.output_layers]
+
+
+def _note_layers_without_alpha(comp, start: str) -> None:
+    from dconnx.methods import METHODS
+    for tensor, layer in dict.fromkeys((h.tensor, h.layer) for h in comp.heads
+                                       if METHODS[h.method].ruleset == "split"):
+        if not shift_points_above(comp, tensor, start):
+            methods = ", ".join(h.method for h in comp.heads if h.tensor == tensor
+                                and METHODS[h.method].ruleset == "split")
+            comp.notes.append(
+                f"alpha has no effect on {methods} at {layer} ('{tensor}'): no shift point "
+                "(Conv/Gemm/BatchNorm/Relu/MaxPool/Add) lies between it and the output layer; "
+                "choose a layer below the last Relu/Conv to see the alpha-shift")
 
 
 def _add_inject_input(comp) -> str:

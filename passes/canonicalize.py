@@ -127,7 +127,8 @@ class Canonicalize(Pass):
         for rewrite in (self.remove_identity, self.strip_softmax, self.flatten_to_reshape,
                         self.reduce_mean_to_gap, self.div_to_mul, self.gemm_normalize,
                         self.matmul_add_to_gemm, self.fold_batchnorm, self.clip_to_relu,
-                        self.max_to_relu, self.leaky_to_relu, self.explicit_pads):
+                        self.max_to_relu, self.leaky_to_relu, self.explicit_pads,
+                        self.row_major_maxpool):
             rewrite(ed, res)
             ed.refresh()
         removed = _dead_code(model)
@@ -533,6 +534,19 @@ class Canonicalize(Pass):
             _set_attr(node, "auto_pad", "NOTSET")
             _set_attr(node, "pads", pads)
             res.apply(f"explicit_pads: {node_label(node)} ({mode})")
+
+
+    def row_major_maxpool(self, ed: _Graph, res: PassResult):
+        """storage_order only sets the layout of MaxPool's Indices output; the backward routes
+        through row-major indices of its own, so an unused Indices output is dropped with it
+        (preflight refused the case where the graph reads column-major indices)."""
+        for node in ed.g.node:
+            if node.op_type != "MaxPool" or not int(attrs(node).get("storage_order", 0)):
+                continue
+            for a in [a for a in node.attribute if a.name == "storage_order"]:
+                node.attribute.remove(a)
+            del node.output[1:]
+            res.apply(f"row_major_maxpool: {node_label(node)} (its Indices output was unused)")
 
 
 def _eval_node(ed: _Graph, node, feeds: dict):

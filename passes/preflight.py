@@ -81,6 +81,24 @@ def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str |
             v = view.const(node.input[2])
             if (v is None and final) or (v is not None and np.any(v != 0)):
                 return "only zero padding is supported"
+        pads = view.const(node.input[1]) if len(node.input) > 1 and node.input[1] else \
+            np.asarray(a.get("pads", []))
+        if pads is not None and np.any(np.asarray(pads) < 0):
+            return f"negative pads {np.asarray(pads).tolist()} (cropping) are not supported"
+    if op == "MaxPool" and int(a.get("storage_order", 0)) and _indices_used(view, node):
+        return ("storage_order=1 (column-major Indices) with its Indices output used by the graph "
+                "is not supported")
+    if op == "AveragePool" and int(a.get("ceil_mode", 0)) and final and _partial_windows(view, node):
+        return ("ceil_mode=1 makes partial windows at the end of an axis (onnxruntime's divisor "
+                "there differs from the window's size); export with ceil_mode=0 or explicit pads")
+    if op in ("Add", "Sub", "Mul", "Div") and len(data_in) == 1:
+        s_in, s_out = view.shape(data_in[0]), view.shape(node.output[0])
+        known = s_in is not None and s_out is not None and len(s_in) == len(s_out)
+        if s_in is not None and s_out is not None and (
+                len(s_out) > len(s_in) or (known and s_in[1:] != s_out[1:]) or
+                (known and isinstance(s_out[0], int) and s_in[0] != s_out[0])):
+            return (f"the constant operand broadcasts the data tensor up from {s_in} to {s_out} "
+                    "(only constants that broadcast to the data's shape are supported)")
     if op == "Slice" and len(node.input) > 4 and node.input[4]:
         steps = view.const(node.input[4])
         if (steps is None and final) or (steps is not None and np.any(steps != 1)):
@@ -117,6 +135,28 @@ def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str |
         if any(not isinstance(d, int) for d in shape[1:]):
             return f"output '{o}' has a dynamic non-batch dimension {shape} (only the batch axis may be dynamic)"
     return None
+
+
+def _indices_used(view: ModelView, node: onnx.NodeProto) -> bool:
+    """Whether a MaxPool's Indices output is read by another node or is a graph output."""
+    idx = node.output[1] if len(node.output) > 1 else ""
+    return bool(idx) and (bool(view.consumers.get(idx)) or idx in set(view.output_names))
+
+
+def _partial_windows(view: ModelView, node: onnx.NodeProto) -> bool:
+    """Whether a pool's output is longer than floor arithmetic gives (ceil_mode windows that
+    start inside the input but end past its padded end)."""
+    a = attrs(node)
+    xs, ys = view.shape(node.input[0]), view.shape(node.output[0])
+    k = list(a["kernel_shape"])
+    nd = len(k)
+    s, d = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    pads = list(a.get("pads", [0] * (2 * nd)))
+    for i in range(nd):
+        floor = (xs[2 + i] + pads[i] + pads[nd + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        if ys[2 + i] != floor:
+            return True
+    return False
 
 
 def _foldable(view: ModelView, name: str) -> bool:

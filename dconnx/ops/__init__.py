@@ -26,6 +26,7 @@ class OpInfo:
 
 
 SUPPORTED: dict[str, OpInfo] = {}
+LINEAR_MAPS: dict[str, Callable] = {}   # op type -> factory(comp, node) -> LinearMap (deflinear ops)
 
 
 class RegistryError(RuntimeError):

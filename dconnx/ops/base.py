@@ -19,7 +19,7 @@ import onnx
 
 from ..compilation import Compilation, StreamPair
 from ..ir import attrs
-from . import backward_rule, describe, split_rule
+from . import LINEAR_MAPS, backward_rule, describe, split_rule
 
 NONNEG_VARIANTS = ("W", "abs", "pos")
 
@@ -81,6 +81,11 @@ class LinearMap:
     def weight(self) -> str | None:
         """The weight tensor (for per-layer α), if any."""
         return None
+
+    def weight_value(self):
+        """The weight as a numpy array (for per-layer α), or None."""
+        w = self.weight()
+        return None if w is None else self.comp.view.const(w)
 
     def _nonneg_variant(self, variant: str) -> str | None:
         """For nonneg maps: the variant to use, or None when it is zero."""
@@ -146,6 +151,7 @@ def deflinear(op_type: str, family: str, make_map: Callable[[Compilation, onnx.N
               *, shift: bool, recenter: bool, doc: str) -> None:
     """Register split and backward rules of an op that is linear in its one data input."""
     describe(op_type, family, shift=shift, recenter=recenter, doc=doc)
+    LINEAR_MAPS[op_type] = make_map
 
     @split_rule(op_type)
     def _split(comp: Compilation, node: onnx.NodeProto) -> None:

@@ -35,6 +35,9 @@ class AffineMap(LinearMap):
     def weight(self):
         return self.s
 
+    def weight_value(self):
+        return self.scale
+
     def apply(self, x, variant="W"):
         if self.s is None:
             return x if variant != "neg" else self.b.zeros_like(x)

@@ -147,10 +147,7 @@ class AveragePoolMap(LinearMap):
 
     def __init__(self, comp, node):
         super().__init__(comp, node, node.input[0], node.output[0])
-        self.win = Window(comp, node)
-        if int(self.attrs.get("ceil_mode", 0)) and self.win.pads != list(self.attrs.get("pads", self.win.pads)):
-            raise UnsupportedOpError([(node_label(node), "AveragePool",
-                                       "ceil_mode with partial windows is not supported")])
+        self.win = Window(comp, node)   # partial ceil_mode windows were refused by preflight
 
     def _inv_count(self):
         """1 / (number of summed positions) per output position, [1, 1, *out]."""

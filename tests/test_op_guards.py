@@ -1,0 +1,198 @@
+"""Models that once converted into silently wrong maps: each is now either exact or refused
+in preflight with the node's name, and the places where α has no effect are reported."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import dconnx
+import onnx_torch
+from helpers import export, rel_err, run, torch_grad
+from reference import dc_reference as ref
+
+
+class AvgNet(torch.nn.Module):
+    def __init__(self, ceil_mode, count_include_pad, size):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.pool = torch.nn.AvgPool2d(3, 2, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+        out = -(-(size - 3) // 2) + 1 if ceil_mode else (size - 3) // 2 + 1
+        self.fc = torch.nn.Linear(3 * out * out, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("pads_attribute", [True, False])
+@pytest.mark.parametrize("count_include_pad", [False, True])
+def test_avgpool_ceil_mode_partial_windows_are_refused(count_include_pad, pads_attribute):
+    """ceil_mode=1 adds partial windows at the end (8 → 4, not 3): onnxruntime's divisor there
+    is not the one the backward would use, so it is refused — with explicit zero pads and
+    without a `pads` attribute at all (whose default is zero pads too)."""
+    net = AvgNet(True, count_include_pad, 8).eval()
+    model = export(net, torch.zeros(1, 2, 8, 8))
+    pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
+    assert not any(a.name == "pads" and any(a.ints) for a in pool.attribute)
+    if not pads_attribute:
+        for a in [a for a in pool.attribute if a.name == "pads"]:
+            pool.attribute.remove(a)
+    with pytest.raises(dconnx.UnsupportedOpError, match="ceil_mode") as err:
+        dconnx.convert(model, methods="splitgrad")
+    assert any(name == pool.name or pool.name in name for name, _, _ in err.value.nodes)
+
+
+def test_avgpool_ceil_mode_without_partial_windows_is_exact():
+    """With 7 inputs, k=3, s=2 the ceil and floor outputs agree (3): accepted, and the gradient
+    the converted graph computes matches torch autograd."""
+    net = AvgNet(True, False, 7).eval()
+    x = np.random.default_rng(0).standard_normal((2, 2, 7, 7)).astype(np.float32)
+    model = export(net, torch.tensor(x))
+    conv = dconnx.convert(model, methods="gradient,splitgrad")
+    target = np.array([1, 3])
+    out = run(conv, x, target=target, alpha=0.5)
+    grad = torch_grad(net, x, target)
+    assert rel_err(out["gradient"], grad.sum(1)) < 1e-5
+    assert rel_err(out["splitgrad"], 0.5 * grad.sum(1)) < 1e-5   # α = 0.5: half the gradient
+
+
+def _maxpool_model(storage_order: int, indices_output: bool = False):
+    """Conv → Relu → MaxPool(2, 2) with the given storage_order → Flatten → Gemm, and its torch twin."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.MaxPool2d(2, 2), torch.nn.Flatten(),
+                              torch.nn.Linear(3 * 3 * 4, 5)).eval()
+    model = export(net, torch.zeros(1, 2, 6, 8))
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    pool.attribute.append(helper.make_attribute("storage_order", storage_order))
+    if indices_output:
+        pool.output.append("pool_indices")
+        model.graph.output.append(helper.make_tensor_value_info("pool_indices", TensorProto.INT64,
+                                                                   ["N", 3, 3, 4]))
+    return net, model
+
+
+def test_maxpool_storage_order_column_major_is_exact():
+    """storage_order only changes the layout of the Indices output, which the original graph does
+    not use: the maps must be those of the row-major pool (the routing is ours)."""
+    net, model = _maxpool_model(1)
+    x = np.random.default_rng(2).standard_normal((2, 2, 6, 8)).astype(np.float32)
+    conv = dconnx.convert(model, methods="gradient")
+    target = np.array([0, 4])
+    out = run(conv, x, target=target)
+    assert rel_err(out["gradient"], torch_grad(net, x, target).sum(1)) < 1e-5
+
+
+def test_maxpool_storage_order_with_consumed_indices_is_refused():
+    _, model = _maxpool_model(1, indices_output=True)
+    with pytest.raises(dconnx.UnsupportedOpError, match="storage_order"):
+        dconnx.convert(model, methods="splitgrad")
+
+
+@pytest.mark.parametrize("eps", [0.1, 1e-3])
+def test_frobenius_alpha_on_unfolded_batchnorm_uses_its_epsilon(eps):
+    """Per-layer α of a BatchNorm kept as its own op comes from its scale γ/√(var + ε) with the
+    node's own ε; compared with the float64 reference (which reads BatchNorm2d.eps)."""
+    torch.manual_seed(3)
+    bn = torch.nn.BatchNorm2d(4, eps=eps)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.01, 0.3)   # small variances: ε matters
+        bn.weight.uniform_(0.5, 1.5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), bn, torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 3)).double().eval()
+    x = np.random.default_rng(4).standard_normal((2, 2, 5, 5))
+    model = export(net, torch.tensor(x), keep_bn=True)
+    assert any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    conv, _ = dconnx.compile_model(model, methods="splitgrad", alpha_mode="frobenius",
+                                   fold_batchnorm=False, expose=["input"])
+    out = onnx_torch.run(conv, {"input": x, "alpha": np.array(0.35)})
+    res = ref.run(net, torch.tensor(x), alpha=0.35, alpha_mode="frobenius", fold_bn=False, layers=["input"])
+    # ONNX stores ε as a float32 attribute (0.1 differs from torch's by 1.5e-9 relative);
+    # reading ε = 1e-5 instead of the node's is a 2e-2 error at ε = 0.1
+    for i, name in enumerate(("dpp", "dnp", "dpn", "dnn")):
+        assert rel_err(out[f"input::{name}"], res.sens["input"][i].numpy()) < 1e-7, name
+    assert rel_err(out["splitgrad"], ref.splitgrad(res, "input").numpy()) < 1e-7
+
+
+class CamNet(torch.nn.Module):
+    """conv blocks, then GAP + fc: the usual CAM layer is the last block's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def test_layer_past_the_last_shift_point_is_reported():
+    """At the last Relu's output only GAP and the output Gemm lie above: no α-shift is crossed,
+    so the maps there are the same for every α — and `convert` says so, naming the layer."""
+    net = CamNet().eval()
+    x = np.random.default_rng(6).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    model = export(net, torch.tensor(x))
+    last_relu = [n for n in model.graph.node if n.op_type == "Relu"][-1].output[0]
+    conv, report = dconnx.compile_model(model, methods="splitcam,splitgrad", layer=last_relu)
+    notes = [n for n in report.notes if "alpha" in n and last_relu in n]
+    assert notes, report.notes
+    maps = [run(conv, x, alpha=a) for a in (0.0, 0.25, 0.5)]
+    for m in ("splitcam", "splitgrad"):
+        assert all(np.array_equal(maps[0][m], o[m]) for o in maps[1:]), m
+    # one layer lower α acts (SplitCAM changes), and no note is given
+    first_relu = [n for n in model.graph.node if n.op_type == "Relu"][0].output[0]
+    conv, report = dconnx.compile_model(model, methods="splitcam", layer=first_relu)
+    assert not [n for n in report.notes if "alpha" in n and first_relu in n]
+    lo, hi = (run(conv, x, alpha=a)["splitcam"] for a in (0.0, 0.5))
+    assert rel_err(lo, hi) > 1e-3
+
+
+def _const_op_model(op, const, data_shape=(3, 4, 4), pads=None):
+    """input → Conv(3→3, 1×1) → <op>(data, const) → ReduceMean over space → Flatten → logits."""
+    w = numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "w")
+    inits = [w, numpy_helper.from_array(np.asarray(const, np.float32), "c")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["t0"], name="conv")]
+    if op == "Pad":
+        inits[1] = numpy_helper.from_array(np.asarray(pads, np.int64), "c")
+        nodes.append(helper.make_node("Pad", ["t0", "c"], ["t1"], name="the_pad"))
+    else:
+        nodes.append(helper.make_node(op, ["t0", "c"], ["t1"], name="the_op"))
+    nodes += [helper.make_node("GlobalAveragePool", ["t1"], ["t2"], name="gap"),
+              helper.make_node("Flatten", ["t2"], ["logits"], name="flatten")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                    ["N", *data_shape])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                          initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op", ["Mul", "Add", "Sub", "Div"])
+def test_constant_that_broadcasts_the_data_up_is_refused(op):
+    """[N, 3, 1, 4] ⊙ [1, 3, 4, 4] makes the data tensor bigger: refused before any rewriting,
+    with the node's name (it used to fail inside onnx.checker at a generated node)."""
+    model = _const_op_model(op, np.full((1, 3, 4, 4), 1.5), data_shape=(3, 1, 4))
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(dconnx.UnsupportedOpError, match="broadcast") as err:
+        dconnx.convert(model, methods="splitgrad")
+    assert [name for name, _, _ in err.value.nodes] == ["the_op"]
+
+
+@pytest.mark.parametrize("op", ["Mul", "Add"])
+def test_constant_that_broadcasts_down_is_accepted(op):
+    model = _const_op_model(op, np.linspace(0.5, 2.0, 3).reshape(3, 1, 1))
+    x = np.random.default_rng(7).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    conv = dconnx.convert(model, methods="gradient")
+    out = run(conv, x, target=np.array([0, 2]))
+    assert out["gradient"].shape == (2, 4, 4)
+
+
+def test_negative_pad_is_refused():
+    model = _const_op_model("Pad", None, pads=[0, 0, 0, -1, 0, 0, 0, 0])
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(dconnx.UnsupportedOpError, match="negative") as err:
+        dconnx.convert(model, methods="splitgrad")
+    assert [name for name, _, _ in err.value.nodes] == ["the_pad"]

@@ -90,6 +90,8 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
         report.passes.append(result)
         report.notes += result.notes
     report.notes += comp.notes
+    from .images import record_sidecar   # normalization and class names from <model>.json beside it
+    report.notes += record_sidecar(comp.result, model, opts.mean, opts.std)
     report.seconds = time.perf_counter() - t0
     report.explained = comp.explained
     report.heads = list(comp.heads)

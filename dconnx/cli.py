@@ -117,29 +117,22 @@ def cmd_layers(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    import warnings
+    from .images import explain_image
     from .runtime import Explainer
-    from .viz import IMAGENET_MEAN, IMAGENET_STD, load_image, panel, save_npy, save_png
-    ex = Explainer(args.model)
-    pre = json.loads(ex.meta.get("dconnx.preprocess", "{}"))
-    mean = _floats(args.mean) or pre.get("mean") or IMAGENET_MEAN
-    std = _floats(args.std) or pre.get("std") or IMAGENET_STD
-    shape = ex.input_shape
-    x, rgb = load_image(args.image, (shape[2], shape[3]), mean, std, channels=shape[1])
-    out = ex(x[None], target=args.target, alpha=args.alpha)
-    maps = {m: out[m][0] for m in ex.methods}
-    if not maps:
-        raise OptionError("the model has no attribution outputs; convert it with --methods")
-    logits = out[ex.output_names[0]][0]
-    target = args.target if args.target is not None else int(logits.argmax())
-    title = f"class {target} (logit {logits[target]:.3f}) on {ex.provider}"
-    png = save_png(panel(rgb, maps, title), args.output)
-    stem = png.with_suffix("")
-    written = [str(png)]
-    for m, arr in maps.items():
-        path = Path(f"{stem}.npy") if len(maps) == 1 else Path(f"{stem}.{m}.npy")
-        written.append(str(save_npy(arr, path)))
-    print(f"explained class {target} with {', '.join(maps)} on {ex.provider}")
-    print("wrote " + ", ".join(written))
+    with warnings.catch_warnings(record=True) as caught:   # shown as "dconnx: warning: ..." on stderr
+        warnings.simplefilter("always")
+        try:
+            ex = Explainer(args.model)
+            done = explain_image(ex, args.image, args.output, target=args.target, alpha=args.alpha,
+                                 methods=args.methods, mean=_floats(args.mean), std=_floats(args.std),
+                                 labels=args.labels, cmap=args.cmap, overlay=args.overlay)
+        finally:
+            for w in caught:
+                print(f"dconnx: warning: {w.message}", file=sys.stderr)
+    name = f" ({done.class_name})" if done.class_name else ""
+    print(f"explained class {done.target}{name} with {', '.join(done.methods)} on {ex.provider}")
+    print("wrote " + ", ".join(str(p) for p in (done.png, *done.npy)))
     return 0
 
 
@@ -170,8 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG to write (raw maps go beside it as .npy)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the argmax)")
     p.add_argument("--alpha", type=float, default=None, help="alpha (default: the model's)")
-    p.add_argument("--mean", default=None)
-    p.add_argument("--std", default=None)
+    p.add_argument("--methods", default=None, help="comma list: a subset of the model's methods "
+                   "(default: all)")
+    p.add_argument("--mean", default=None, help="input normalization mean (default: recorded by convert, "
+                   "else ImageNet's with a warning)")
+    p.add_argument("--std", default=None, help="input normalization std (same defaults)")
+    p.add_argument("--labels", default=None, help="class names: a JSON list or one name per line "
+                   "(default: recorded by convert)")
+    p.add_argument("--cmap", default=None, help="colormap for every map: bwr, coolwarm, hot, viridis "
+                   "(default: bwr for signed methods, hot for nonnegative ones)")
+    p.add_argument("--overlay", type=float, default=None, help="overlay strength 0..1: the heatmap's weight "
+                   "where it is largest (default 0.65)")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("info", help="show how a converted model was made")
     p.add_argument("model")

@@ -22,6 +22,7 @@ class Method:
     reduce: str = "sum"                    # how channels are combined: "sum" | "none" (head already did)
     params: dict = field(default_factory=dict)   # option name -> what it means (documented)
     matches: str = ""                      # the reference library/definition it equals
+    signed: bool = True                    # False: maps are nonnegative by construction (CAMs)
 
 
 METHODS: dict[str, Method] = {}
@@ -93,7 +94,7 @@ register_method(Method(
     params=_SPLIT_PARAMS, matches="float64 reference from the method (tests/reference); ½·Σ_c ∇f at α = 0.5"))
 register_method(Method(
     "splitcam", "ReLU(Σ_c ReLU(δpp + δnn) ⊙ (p + n)): LayerCAM on the split streams", "split",
-    _splitcam_head, reduce="none", params=_SPLIT_PARAMS,
+    _splitcam_head, reduce="none", params=_SPLIT_PARAMS, signed=False,
     matches="float64 reference; ½·LayerCAM at α = 0.5 after a Relu under recentering"))
 register_method(Method(
     "splitlrp", "ε-LRP through the stream graph: g-relevance minus h-relevance", "splitlrp",

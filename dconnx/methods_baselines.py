@@ -69,12 +69,12 @@ register_method(Method(
     params=_NO_PARAMS, matches="torch autograd; Captum InputXGradient"))
 register_method(Method(
     "gradcam", "ReLU(Σ_c mean_hw(∂f_k/∂A_c) · A_c) at the layer", "gradient", _gradcam_head,
-    reduce="none", params=_CAM_PARAMS,
+    reduce="none", params=_CAM_PARAMS, signed=False,
     matches="pytorch-grad-cam 1.5 GradCAM per-layer cam before its min-max scaling; "
             "Captum LayerGradCam(relu_attributions=True)"))
 register_method(Method(
     "layercam", "ReLU(Σ_c ReLU(∂f_k/∂A_c) ⊙ A_c) at the layer", "gradient", _layercam_head,
-    reduce="none", params=_CAM_PARAMS,
+    reduce="none", params=_CAM_PARAMS, signed=False,
     matches="pytorch-grad-cam 1.5 LayerCAM per-layer cam before its min-max scaling"))
 register_method(Method(
     "guidedbp", "Σ_c guided backprop: Relu backward 1[x > 0] ⊙ relu(g)", "guided",

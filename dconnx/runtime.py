@@ -221,12 +221,33 @@ class Explainer:
             raise NumericalError(text)
         warnings.warn(NumericalWarning(text + "; the maps are finite and returned"), stacklevel=3)
 
-    def maps(self, x, target=None, alpha=None) -> dict[str, np.ndarray]:
-        """Only the attribution maps, by method output name."""
+    def maps(self, x, target=None, alpha=None) -> "Maps":
+        """The attribution maps by method output name, with `.logits` and `.target` (the class
+        each sample was explained for: the argmax where target is None or -1)."""
         out = self(x, target=target, alpha=alpha)
-        return {m: out[m] for m in self.methods}
+        logits = out[self.explained]
+        n = logits.shape[0]
+        t = np.broadcast_to(np.atleast_1d(np.asarray(-1 if target is None else target, np.int64)), (n,))
+        t = np.where(t < 0, logits.reshape(n, -1).argmax(1), t).astype(np.int64)
+        return Maps({m: out[m] for m in self.methods}, logits=logits, target=t)
+
+    @property
+    def explained(self) -> str:
+        """The output the maps explain (recorded by convert; the first output otherwise)."""
+        name = self.meta.get("dconnx.explained")
+        return name if name in self.output_names else self.output_names[0]
 
 
-def explain(model, x, target=None, alpha=None, providers=None) -> dict[str, np.ndarray]:
+class Maps(dict):
+    """Attribution maps by method output name (a dict), plus the `logits` [n, classes] the
+    model returned and the `target` class explained per sample (int64 [n])."""
+
+    def __init__(self, maps: dict, logits: np.ndarray, target: np.ndarray):
+        super().__init__(maps)
+        self.logits = logits
+        self.target = target
+
+
+def explain(model, x, target=None, alpha=None, providers=None) -> Maps:
     """One-shot: load a converted model and return its attribution maps for x."""
     return Explainer(model, providers=providers).maps(x, target=target, alpha=alpha)

@@ -316,7 +316,9 @@ def panel(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "", *, cm
     Maps are styled by the method their name gives (MapStyle.of); cmap overrides the colormap."""
     from PIL import Image, ImageDraw
     maps = {name: fit(_finite(m), image.shape[:2]) for name, m in maps.items()}
-    styles = [MapStyle.of(name, m, cmap) for name, m in maps.items()]
+    styles = []
+    for name, m in maps.items():      # a loop, not a comprehension: warnings point at panel's caller
+        styles.append(MapStyle.of(name, m, cmap))
     lay = layout(image.shape[:2], styles, title)
     canvas = Image.new("RGB", (lay.width, lay.height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

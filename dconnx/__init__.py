@@ -5,5 +5,8 @@ from .compilation import Options  # noqa: F401
 from .errors import (DconnxError, InputError, InvalidModelError, LayerError,  # noqa: F401
                      NumericalError, OptionError, UnsupportedOpError)
 from .quantus_adapter import quantus_explain_func  # noqa: F401  (imports neither quantus nor torch)
+from .torchvision_compat import install as _install_torchvision_compat
+
+_install_torchvision_compat()   # an import hook only (no torch): quantus/zennit import beside the CPU torch wheel
 
 __version__ = "0.1.0"

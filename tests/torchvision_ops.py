@@ -1,30 +1,10 @@
-"""Make torchvision importable beside the CPU torch wheel.
+"""Make torchvision importable beside the CPU torch wheel, for tests, benchmarks and scripts.
 
-torchvision 0.28's Python side registers fake kernels for C++ operators
-(`torchvision::nms`, `torchvision::qnms`) that its missing compiled
-extension would define. Defining the two schemas first lets it import;
-nothing in dconnx or its tests calls them. Import this module before
-anything that imports torchvision (zennit does as it loads).
+The fix is the package's own (dconnx/torchvision_compat.py, installed by `import dconnx`):
+an import hook that defines `torchvision::nms`/`qnms` when torchvision's compiled
+extension did not. Import this module before anything that imports torchvision
+(zennit and quantus do as they load) in code that may not import dconnx first.
 """
-import torch
+from dconnx import torchvision_compat
 
-_SCHEMAS = (
-    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-)
-
-
-def register() -> None:
-    if getattr(register, "_done", False):
-        return
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (already provided by a compiled torchvision)
-    except (AttributeError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")
-        for schema in _SCHEMAS:
-            lib.define(schema)
-        register._lib = lib  # keep the library alive
-    register._done = True
-
-
-register()
+torchvision_compat.install()

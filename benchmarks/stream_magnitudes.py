@@ -56,7 +56,7 @@ def rows_for(name: str, model: onnx.ModelProto, x: np.ndarray) -> list[dict]:
     rows = []
     for stab in ("recenter", "none"):
         t0 = time.perf_counter()
-        conv = dconnx.convert(model, methods="splitgrad", stabilize=stab, expose=["input"])
+        conv = dconnx.convert(model, methods="splitgrad", stabilize=stab, expose=["input"]).model
         convert_s = time.perf_counter() - t0
         maps32 = {}
         for alpha in (0.0, 0.35):

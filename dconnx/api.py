@@ -1,15 +1,21 @@
 """The public calls: `convert`, `Explainer`, `explain`."""
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import onnx
 
 from .compilation import Compilation, Options
 from .errors import DconnxError, InvalidModelError, OptionError
 from .io import load_model, save_model, validate
+
+# methods whose map weights the layer's activations (a class activation map): at the input
+# layer, the default, they weight the image's colour channels, which means little
+CAM_METHODS = ("splitcam", "gradcam", "layercam")
 
 
 @dataclass
@@ -68,12 +74,14 @@ def _load(model) -> onnx.ModelProto:
             raise first from None
         shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
         warnings.warn(f"dropped {len(dropped)} stale intermediate value_info entries ({shown}); "
-                      f"the checker refused them: {first}", UserWarning, stacklevel=3)
+                      f"the checker refused them: {first}", UserWarning, stacklevel=_outside_this_module())
         return model
 
 
 def compile_model(model, options: Options | None = None, *, debug: bool = False, **kwargs):
-    """Run every pass; returns (converted ModelProto, ConversionReport)."""
+    """Run every pass; returns (converted ModelProto, ConversionReport).
+
+    Options as for `convert`; warns (UserWarning) when a CAM method is taken at the input."""
     from dconnx.passes.backward import Backward
     from dconnx.passes.canonicalize import Canonicalize
     from dconnx.passes.heads import Heads
@@ -95,19 +103,69 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
     report.seconds = time.perf_counter() - t0
     report.explained = comp.explained
     report.heads = list(comp.heads)
+    _warn_cam_at_input(report.heads, comp.input_name)
     return comp.result, report
 
 
-def convert(model, output=None, options: Options | None = None, **kwargs):
+def _warn_cam_at_input(heads, input_name: str) -> None:
+    cams = [h.method for h in heads if h.method in CAM_METHODS and h.tensor == input_name]
+    if cams:
+        warnings.warn(f"{', '.join(cams)} at the input layer (the default) weights the image's own "
+                      "channels, which is no class activation map; give a convolutional layer with "
+                      "--layer / layer= (`dconnx layers MODEL` lists them)", UserWarning,
+                      stacklevel=_outside_this_module())
+
+
+def _outside_this_module() -> int:
+    """The stacklevel of the first caller outside dconnx.api (the user's convert call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@dataclass(frozen=True, repr=False)
+class ConvertedModel:
+    """What `convert` returns: the converted ModelProto, the report and the file written.
+
+    Its repr is one line (a ModelProto's would print every weight). `Explainer`, `save_model`
+    and `load_model` accept it as they accept the ModelProto."""
+    model: onnx.ModelProto
+    report: ConversionReport
+    path: Path | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return [h.method for h in self.report.heads]
+
+    def SerializeToString(self) -> bytes:
+        return self.model.SerializeToString()
+
+    def __repr__(self) -> str:
+        where = f"'{self.path}'" if self.path is not None else "(not saved)"
+        layers: dict[str, list[str]] = {}
+        for h in self.report.heads:
+            layers.setdefault(h.layer, []).append(h.method)
+        heads = "; ".join(f"{','.join(ms)} at {_short(layer, 60)}" for layer, ms in layers.items())
+        return (f"<ConvertedModel {_short(where, 100)}: {heads or 'no maps (g, h only)'}; "
+                f"{self.model.ByteSize() / 1e6:.1f} MB>")
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def convert(model, output=None, options: Options | None = None, **kwargs) -> ConvertedModel:
     """Convert a model (path, bytes or ModelProto). Writes `output` atomically when given.
 
-    Returns the converted ModelProto (`compile_model` also returns the report).
+    `methods` defaults to "splitgrad" (pass methods=() for the g and h outputs only); the
+    other options are the fields of `Options`. Returns a ConvertedModel: `.model` (the
+    converted ModelProto), `.report` (the ConversionReport), `.path` (`output`, or None).
     Raises a DconnxError on bad input; nothing is written then.
     """
-    converted, _ = compile_model(model, options, **kwargs)
-    if output is not None:
-        save_model(converted, output)
-    return converted
+    converted, report = compile_model(model, options, **kwargs)
+    path = save_model(converted, output) if output is not None else None
+    return ConvertedModel(converted, report, path)
 
 
-__all__ = ["convert", "compile_model", "ConversionReport", "DconnxError"]
+__all__ = ["convert", "compile_model", "ConvertedModel", "ConversionReport", "DconnxError"]

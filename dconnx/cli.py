@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import DconnxError, OptionError
@@ -19,29 +19,37 @@ def _floats(text: str | None):
 
 
 def _add_convert(sub):
-    p = sub.add_parser("convert", help="convert a ReLU CNN into a model that also returns attributions")
+    p = sub.add_parser("convert", help="convert a ReLU CNN into a model that also returns attributions",
+                       description="Convert a ReLU CNN in ONNX into a model that also returns g, h and one "
+                                   "attribution map per method; prints the size, the layers and the notes.")
     p.add_argument("model", help="input .onnx file")
     p.add_argument("-o", "--output", required=True, help="where to write the converted .onnx file")
     from .methods import METHODS
-    p.add_argument("--methods", default="", help=f"comma list of {','.join(METHODS)} "
-                   "(default: none, only the g and h outputs)")
+    p.add_argument("--methods", default="splitgrad", help=f"comma list of {','.join(METHODS)} "
+                   "(default: splitgrad; '' for only the g and h outputs)")
     p.add_argument("--layer", default=None, help="tensor name, index N (entering op N) or N:out; "
-                   "default: the input")
+                   "default: the input (CAM methods need a convolutional layer: see `dconnx layers`)")
     p.add_argument("--alpha", type=float, default=0.35, help="default of the alpha input (0..0.5, default 0.35)")
-    p.add_argument("--alpha-mode", choices=["constant", "frobenius"], default="constant")
-    p.add_argument("--maxpool", choices=["wta", "dc"], default="wta")
-    p.add_argument("--stabilize", choices=["recenter", "none"], default="recenter")
-    p.add_argument("--relu-backward", choices=["standard", "sum", "mask_diff"], default="standard")
-    p.add_argument("--ties", choices=["strict", "geq"], default="strict")
-    p.add_argument("--lrp-epsilon", type=float, default=1e-6)
-    p.add_argument("--normalize", choices=["none", "max", "minmax"], default="none")
+    p.add_argument("--alpha-mode", choices=["constant", "frobenius"], default="constant",
+                   help="constant: --alpha everywhere; frobenius: per layer (1 - 1/||W||_F)/2 (default constant)")
+    p.add_argument("--maxpool", choices=["wta", "dc"], default="wta",
+                   help="MaxPool split: winner takes all (the authors') or the exact DC max (default wta)")
+    p.add_argument("--stabilize", choices=["recenter", "none"], default="recenter",
+                   help="recentered streams (the authors') or the true convex g, h (default recenter)")
+    p.add_argument("--relu-backward", choices=["standard", "sum", "mask_diff"], default="standard",
+                   help="Relu backward mode (default standard; the authors' entry point uses sum)")
+    p.add_argument("--ties", choices=["strict", "geq"], default="strict",
+                   help="Relu mask 1[x > 0] (strict, default) or the authors' 1[x >= 0] (geq)")
+    p.add_argument("--lrp-epsilon", type=float, default=1e-6, help="SplitLRP stabilizer (default 1e-6)")
+    p.add_argument("--normalize", choices=["none", "max", "minmax"], default="none",
+                   help="per-sample map normalization (default none)")
     p.add_argument("--no-upsample", action="store_true", help="keep maps at the layer's resolution")
     p.add_argument("--no-fold-batchnorm", action="store_true",
                    help="keep BatchNormalization as its own shift point (the authors' reading)")
     p.add_argument("--explain-output", default=None, help="which model output to explain (default: first)")
     p.add_argument("--precision", choices=["float32", "float16"], default="float32",
-                   help="float16 halves memory and suits CUDA; maps agree with float32 to ~1e-3 "
-                        "(docs/method.md)")
+                   help="float16 halves memory and suits CUDA; its accuracy against float32 is "
+                        "measured in docs/reliability.md (default float32)")
     p.add_argument("--channel-axis", type=int, default=None,
                    help="channel axis of the input (default: detected, 1 for NCHW, 3 for NHWC)")
     p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "
@@ -52,7 +60,8 @@ def _add_convert(sub):
 
 def cmd_convert(args) -> int:
     from .api import compile_model
-    from .io import save_model
+    from .io import check_output, save_model
+    check_output(args.output)      # a folder in the way: refused before converting
     model, report = compile_model(
         args.model, methods=args.methods, layer=args.layer, alpha=args.alpha, alpha_mode=args.alpha_mode,
         maxpool=args.maxpool, stabilize=args.stabilize, relu_backward=args.relu_backward, ties=args.ties,
@@ -137,8 +146,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import onnx
-    m = onnx.load(args.model, load_external_data=False)
+    from .io import load_header
+    m = load_header(args.model)
     meta = {p.key: p.value for p in m.metadata_props}
     if "dconnx.input" not in meta:
         raise OptionError(f"'{args.model}' was not produced by dconnx convert")
@@ -148,14 +157,19 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dconnx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dconnx", description="Compile a ReLU CNN in ONNX into an ONNX "
+                                     "model that also returns attribution maps, and run it.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
-    sub.add_parser("ops", help="print the supported-op table").set_defaults(func=cmd_ops)
-    sub.add_parser("methods", help="list the attribution methods, their parameters and references"
+    sub.add_parser("ops", help="print the supported-op table",
+                   description="Print the ops dconnx converts, those it rewrites first and those it refuses."
+                   ).set_defaults(func=cmd_ops)
+    sub.add_parser("methods", help="list the attribution methods, their parameters and references",
+                   description="List the attribution methods, their parameters and what each one matches."
                    ).set_defaults(func=cmd_methods)
-    p = sub.add_parser("layers", help="list layer indices and tensor names of a model")
-    p.add_argument("model")
+    p = sub.add_parser("layers", help="list layer indices and tensor names of a model",
+                       description="List the layer indices (for --layer N) and the tensor names of a model.")
+    p.add_argument("model", help="an original .onnx model")
     p.set_defaults(func=cmd_layers)
     p = sub.add_parser("explain", help="explain an image with a converted model; writes PNG + .npy")
     p.add_argument("model", help="a converted .onnx file")
@@ -175,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", type=float, default=None, help="overlay strength 0..1: the heatmap's weight "
                    "where it is largest (default 0.65)")
     p.set_defaults(func=cmd_explain)
-    p = sub.add_parser("info", help="show how a converted model was made")
-    p.add_argument("model")
+    p = sub.add_parser("info", help="show how a converted model was made",
+                       description="Print the metadata dconnx convert recorded in a converted model.")
+    p.add_argument("model", help="a converted .onnx file")
     p.set_defaults(func=cmd_info)
     from .eval.cli import add_eval_parser   # `dconnx eval`: metrics and sanity checks
     add_eval_parser(sub)
@@ -185,13 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"dconnx: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+    """Run one command. Exit 2 with `dconnx: error: ...` on a DconnxError (every bad input
+    the API detects) or on an OSError (a file that cannot be read or written)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DconnxError as e:
-        print(f"dconnx: error: {e}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except DconnxError as e:
+            print(f"dconnx: error: {e}", file=sys.stderr)
+        except OSError as e:
+            where = f"'{e.filename}': " if e.filename else ""
+            print(f"dconnx: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,7 @@ from .ir import ONNX_TO_NP, GraphBuilder
 @dataclass
 class Options:
     """Every choice of a conversion, with the documented defaults."""
-    methods: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("splitgrad",)   # () for the g and h outputs only
     layer: str | int | None = None     # tensor name, "N", "N:out", or None = the input
     alpha: float = 0.35                # default value of the `alpha` graph input
     alpha_mode: str = "constant"       # "constant" | "frobenius"

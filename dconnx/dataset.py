@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DconnxError, InputError, OptionError
+from .errors import DconnxError, InputError, OptionError, OutputError
 from .io import atomic_write
 
 ENGINES = ("local", "ray")
@@ -197,11 +197,19 @@ def explain_dataset(model, folder, out, *, batch_size: int = 16, chunk_size: int
     if not files:
         raise InputError(f"no images ({', '.join(('png', 'jpg', '...'))}) under '{folder}'")
     names = [p.relative_to(folder).as_posix() for p in files]
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write into '{out}': it is a file, not a folder")
     t0 = time.perf_counter()
     probe = BatchExplainer(model, target=target, alpha=alpha, threads=threads)   # checks model and options
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot make the output folder '{out}': {e.strerror or e}") from e
     manifest_path = out / "manifest.json"
-    old = json.loads(manifest_path.read_text()) if resume and manifest_path.is_file() else {}
+    try:
+        old = json.loads(manifest_path.read_text()) if resume and manifest_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise OptionError(f"--resume: cannot read '{manifest_path}' ({e}); remove it to start over") from e
     if old and old.get("chunk_size") != chunk_size:
         raise OptionError(f"--resume with chunk size {chunk_size}, but {out} was written with "
                           f"{old.get('chunk_size')}")

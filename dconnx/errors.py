@@ -35,5 +35,9 @@ class InputError(DconnxError):
     """Data given to a converted model is unusable (wrong shape, NaN/Inf, unreadable image)."""
 
 
+class OutputError(DconnxError):
+    """An output path cannot be written (a folder in the way, no permission, disk full, ...)."""
+
+
 class NumericalError(DconnxError):
     """The computation overflowed or produced NaN/Inf."""

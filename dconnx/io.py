@@ -15,7 +15,7 @@ import onnx
 from onnx import shape_inference
 
 from . import model_checks as checks
-from .errors import InvalidModelError
+from .errors import InvalidModelError, OutputError
 
 # What the pinned onnxruntime accepts, and what the generated nodes need
 # (ScatterElements with reduction="add" and Split with a sizes input).
@@ -34,23 +34,13 @@ def load_model(source, *, check: bool = True) -> onnx.ModelProto:
     checked before any weight is read; with `check`, so are the graph's structure, the
     checker and strict shape inference, the declared shapes and the constants' values.
     """
-    if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
-        base_dir, where = None, "a ModelProto"
-    elif isinstance(source, (bytes, bytearray)):
-        model = _parse(bytes(source), "<bytes>")
-        base_dir, where = None, "bytes"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise InvalidModelError(f"no model file at '{path}'")
-        if path.stat().st_size > checks.MAX_PROTOBUF_BYTES:
-            raise InvalidModelError(f"'{path}' is larger than protobuf's 2 GiB limit, so it cannot be an "
-                                    "ONNX model file (big weights belong in external data)")
-        model = _parse(path.read_bytes(), str(path))
-        base_dir, where = path.parent, str(path)
+    model, base_dir, where = _read(source)
+    if where == "a ModelProto":     # the caller's model stays untouched
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
     checks.check_header(model, "<bytes>" if where == "bytes" else where, MAX_IR_VERSION, MAX_OPSET)
+    refuse_converted(model, where)
     for t in checks.all_tensors(model):
         checks.check_tensor(t)
     if checks.check_external_data(model, base_dir, where):
@@ -66,6 +56,63 @@ def load_model(source, *, check: bool = True) -> onnx.ModelProto:
         checks.check_weight_shapes(model)
         checks.check_values(model)
     return model
+
+
+def model_source(source):
+    """What `convert` returned (a ConvertedModel) as its ModelProto; anything else unchanged."""
+    from .api import ConvertedModel
+    return source.model if isinstance(source, ConvertedModel) else source
+
+
+def _read(source) -> tuple[onnx.ModelProto, Path | None, str]:
+    """(model without external data, folder of its external data, how to name it in errors).
+    A ModelProto is returned itself, not copied."""
+    source = model_source(source)
+    if isinstance(source, onnx.ModelProto):
+        return source, None, "a ModelProto"
+    if isinstance(source, (bytes, bytearray)):
+        return _parse(bytes(source), "<bytes>"), None, "bytes"
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidModelError(f"expected a model file path, bytes or an onnx.ModelProto, "
+                                f"got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        raise InvalidModelError(f"no model file at '{path}': it is a folder")
+    if not path.is_file():
+        raise InvalidModelError(f"no model file at '{path}'")
+    try:
+        if path.stat().st_size > checks.MAX_PROTOBUF_BYTES:
+            raise InvalidModelError(f"'{path}' is larger than protobuf's 2 GiB limit, so it cannot be an "
+                                    "ONNX model file (big weights belong in external data)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidModelError(f"cannot read '{path}': {e.strerror or e}") from e
+    return _parse(data, str(path)), path.parent, str(path)
+
+
+def load_header(source) -> onnx.ModelProto:
+    """A model's graph and metadata without its external data (path, bytes, ModelProto or
+    ConvertedModel), for reading a converted model's metadata. Not validated; InvalidModelError
+    when the source is not an ONNX model at all."""
+    return _read(source)[0]
+
+
+def is_converted(model: onnx.ModelProto) -> bool:
+    """The model is an output of `dconnx convert`: its metadata, or the generated `dc/` nodes
+    and g, h outputs when the metadata was stripped."""
+    if any(p.key == "dconnx.input" for p in model.metadata_props):
+        return True
+    outputs = {o.name for o in model.graph.output}
+    return {"g", "h"} <= outputs and any(n.name.startswith("dc/") for n in model.graph.node)
+
+
+def refuse_converted(model: onnx.ModelProto, where: str) -> None:
+    """InvalidModelError for a model that dconnx already converted (its generated nodes would
+    otherwise be reported as unsupported ops)."""
+    if is_converted(model):
+        name = f"'{where}'" if where not in ("a ModelProto", "bytes") else "this model"
+        raise InvalidModelError(f"{name} was already converted by dconnx (it is an output of `dconnx "
+                                "convert`); convert the original model instead")
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -149,15 +196,63 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def atomic_write(path, write, suffix: str = "") -> Path:
-    """write(tmp_path) into a temporary file beside `path`, then rename: never a partial file."""
+def current_umask() -> int:
+    """The process's umask. Read from /proc where there is one; elsewhere os.umask has to set
+    it to read it, which is not thread-safe (another thread creating a file in between gets
+    mode 0o666 & ~0o022)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def check_output(path) -> Path:
+    """`path` as a Path; OutputError when a folder is in its place (checked before any work)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"cannot write '{path}': it is a folder; give a file name")
+    return path
+
+
+def prepare_output(path) -> Path:
+    """`path` as a Path whose folder exists; OutputError when a folder is in the way or the
+    folder cannot be made (before anything is written)."""
+    path = check_output(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': cannot make its folder '{path.parent}' "
+                          f"({e.strerror or e})") from e
+    return path
+
+
+def atomic_write(path, write, suffix: str = "") -> Path:
+    """write(tmp_path) into a temporary file beside `path`, then rename: never a partial file.
+    The file gets the mode a plain open() would give it (0o666 minus the umask).
+    OutputError when the path cannot be written."""
+    path = prepare_output(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -170,13 +265,18 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = Non
     External data (`<name>.data` beside the file) is used when asked, or when the
     model would not fit in one protobuf.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = prepare_output(path)
+    model = model_source(model)
     size = model.ByteSize()
     if external_data is None:
         external_data = size > 1_800_000_000
-    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     data_name = path.name + ".data"
+    if external_data and (path.parent / data_name).is_dir():
+        raise OutputError(f"cannot write '{path.parent / data_name}': it is a folder")
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     try:
         staged = workdir / path.name
         if external_data:
@@ -189,6 +289,8 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = Non
         else:
             staged.write_bytes(model.SerializeToString())
         os.replace(staged, path)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return path

@@ -66,6 +66,8 @@ def make_session(model, providers=None, *, threads=None, optimization="all", mem
     memory_reuse "auto" keeps onnxruntime's buffer reuse for graphs of up to
     MEMORY_REUSE_NODE_LIMIT nodes and turns it off above (faster start, more memory)."""
     import onnxruntime as ort
+    from .io import model_source
+    model = model_source(model)
     if isinstance(model, onnx.ModelProto):
         source, n_nodes = model.SerializeToString(), len(model.graph.node)
     else:
@@ -92,13 +94,15 @@ class Explainer:
         io_binding: hand inputs to the provider's device as OrtValues and fetch the outputs from
         it, instead of `run`'s own copies ("auto": on for CUDA; off on the CPU, where it changes
         nothing); check_finite: NumericalError instead of NaN/Inf maps."""
+        from .io import load_header, model_source
+        model = model_source(model)     # what dconnx.convert returned: its ModelProto
         if isinstance(model, onnx.ModelProto):
             meta = model.metadata_props
         else:
             path = Path(model)
             if not path.is_file():
                 raise InvalidModelError(f"no converted model at '{path}'")
-            meta = onnx.load(str(path), load_external_data=False).metadata_props
+            meta = load_header(path).metadata_props   # InvalidModelError when not a model file
         self.meta = {p.key: p.value for p in meta}
         if "dconnx.input" not in self.meta:
             raise InvalidModelError("this model was not produced by `dconnx convert` (no dconnx metadata)")

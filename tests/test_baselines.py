@@ -106,7 +106,7 @@ class Case:
                 options = {**options, "check": False}
             if dtype == np.float32:
                 conv = dconnx.convert(self.onnx_model, methods=methods, layer=layer,
-                                      mean=self.mean, std=self.std, **options)
+                                      mean=self.mean, std=self.std, **options).model
                 out = run(conv, self.x, target=self.target)
             else:
                 if "onnx64" not in self._cache:
@@ -114,7 +114,7 @@ class Case:
                 # the checker's second pass is skipped on these big float64 copies: the float32
                 # conversions of the same models are checked in full
                 conv = dconnx.convert(self._cache["onnx64"], methods=methods, layer=layer,
-                                      mean=self.mean, std=self.std, **{"check": False, **options})
+                                      mean=self.mean, std=self.std, **{"check": False, **options}).model
                 _only_maps(conv)
                 out = onnx_torch.run(conv, {"input": self.inputs(np.float64), "target": self.target})
             self._cache[key] = out
@@ -360,7 +360,7 @@ def test_identity_pooling_keeps_zennits_norm_rule():
     assert "AveragePool" in {n.op_type for n in model.graph.node}      # exported as a 1x1 pool
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
     target = np.array([0, 1])
-    ours = onnx_torch.run(dconnx.convert(model, methods="lrp_epsilon"),
+    ours = onnx_torch.run(dconnx.convert(model, methods="lrp_epsilon").model,
                           {"input": x, "target": target})["lrp_epsilon"]
     ref, _ = refs.zennit_lrp(copy.deepcopy(net).double(), x, target, refs.composite("lrp_epsilon", []))
     _close(ours, ref.sum(1), RTOL64_EPSILON, "identity pooling, float64 lrp_epsilon")
@@ -374,7 +374,7 @@ def test_lrp_epsilon_conserves_the_logit_without_biases():
                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(8, 5, bias=False)).eval()
     x = torch.randn(3, 3, 16, 16).numpy()
-    out = run(dconnx.convert(export(net, torch.zeros(1, 3, 16, 16)), methods="lrp_epsilon"), x,
+    out = run(dconnx.convert(export(net, torch.zeros(1, 3, 16, 16)), methods="lrp_epsilon").model, x,
               target=np.array([0, 1, 2]))
     f = out["logits"][np.arange(3), [0, 1, 2]]
     _close(out["lrp_epsilon"].sum((1, 2)), f, RTOL32, "bias-free net: Σ R_input vs f_k")
@@ -464,7 +464,7 @@ def test_all_methods_in_one_converted_file(fixture_case, tmp_path):
     assert ex.methods == everything.split(",")
     together = ex(case.x, target=case.target)
     for m in everything.split(","):
-        alone = run(dconnx.convert(case.onnx_model, methods=m, layer=tensor, mean=case.mean, std=case.std),
+        alone = run(dconnx.convert(case.onnx_model, methods=m, layer=tensor, mean=case.mean, std=case.std).model,
                     case.x, target=case.target)[m]
         assert together[m].shape == case.x.shape[:1] + case.x.shape[2:]
         _close(together[m], alone, 1e-6, f"{m} in one file vs alone")
@@ -492,6 +492,6 @@ def test_splitcam_at_half_alpha_is_half_layercam(fixture_case):
     """docs/method.md §4: at α = 0.5, after a Relu, under recentering, SplitCAM = ½·LayerCAM."""
     case = fixture_case
     tensor = case.cam_layers[0][0]          # a Relu output entering a MaxPool (a shift point)
-    conv = dconnx.convert(case.onnx_model, methods="splitcam,layercam", layer=tensor)
+    conv = dconnx.convert(case.onnx_model, methods="splitcam,layercam", layer=tensor).model
     out = run(conv, case.x, target=case.target, alpha=0.5)
     _close(out["splitcam"], 0.5 * out["layercam"], RTOL32, "fixture splitcam(α=0.5) vs ½ layercam")

@@ -90,7 +90,7 @@ def test_quick_run_writes_well_formed_tables(quick_run):
 @pytest.fixture(scope="module")
 def fixture_maps():
     x = make_input("fixture", 4)
-    conv = dconnx.convert(str(FIXTURE), methods="splitgrad,splitcam,splitlrp", alpha=0.35)
+    conv = dconnx.convert(str(FIXTURE), methods="splitgrad,splitcam,splitlrp", alpha=0.35).model
     sess = make_session(conv, ["CPUExecutionProvider"], threads=2)
     names = [o.name for o in sess.get_outputs()]
     return x, dict(zip(names, sess.run(None, {"input": x})))
@@ -116,7 +116,7 @@ def test_torch_split_alpha_and_hidden_layer(fixture_maps):
     model = torch_model("fixture")
     ts = TorchSplit(model, layer="features_10")       # fx node name of features[10] (the third Relu)
     got = ts(x, None, methods=("splitgrad", "splitcam"), alpha=0.2)
-    conv = dconnx.convert(str(FIXTURE), methods="splitgrad,splitcam", layer="/features/features.10/Relu_output_0")
+    conv = dconnx.convert(str(FIXTURE), methods="splitgrad,splitcam", layer="/features/features.10/Relu_output_0").model
     sess = make_session(conv, ["CPUExecutionProvider"], threads=2)
     names = [o.name for o in sess.get_outputs()]
     want = dict(zip(names, sess.run(None, {"input": x, "alpha": np.asarray(0.2, np.float32)})))

@@ -45,7 +45,7 @@ def _input(arch, batch, dtype=np.float32):
 @pytest.mark.parametrize("arch,exporter", PARAMS)
 def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model):
     path = zoo_model(arch, exporter)
-    converted = dconnx.convert(path, methods=METHODS)
+    converted = dconnx.convert(path, methods=METHODS).model
     batch = 2 if arch == "vgg16" else 4
     x = _input(arch, batch)
     _, _, h, w = x.shape
@@ -85,7 +85,7 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model):
 def test_float64_heads_equal_autograd_at_alpha_half(arch, exporter, zoo_model):
     torch.set_num_threads(2)
     model64 = to_float64(onnx.load(str(zoo_model(arch, exporter))))
-    converted = dconnx.convert(model64, methods=METHODS)
+    converted = dconnx.convert(model64, methods=METHODS).model
     x = _input(arch, 1, np.float64)
     out = onnx_torch.run(converted, {"input": x})
     target = (out["logits"].argmax(1) + 1) % out["logits"].shape[1]

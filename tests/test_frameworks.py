@@ -200,7 +200,7 @@ def converted64(name):
     """The fixture cast to float64 (tests/precision.py), then converted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dconnx.convert(to_float64(onnx.load(str(DIR / name))), methods=METHODS)
+        return dconnx.convert(to_float64(onnx.load(str(DIR / name))), methods=METHODS).model
 
 
 @pytest.mark.parametrize("name", EXACT)

@@ -80,7 +80,7 @@ def check_float64(spec: NetSpec, opts: dict, batch: int, alpha: float, target: n
         ft = net.double().logits(torch.tensor(x)).numpy()
     assert _scaled(ft - f, f, 1.0) < 1e-5, "exporter and torch module disagree"
 
-    conv = dconnx.convert(model64, methods="splitgrad", expose=["input"], **opts)
+    conv = dconnx.convert(model64, methods="splitgrad", expose=["input"], **opts).model
     out = onnx_torch.run(conv, {"input": x, "target": target, "alpha": np.array(alpha)})
     g, h = out["g"], out["h"]
     assert g.min() >= 0 and h.min() >= 0
@@ -101,7 +101,7 @@ def check_float64(spec: NetSpec, opts: dict, batch: int, alpha: float, target: n
 def check_float32(spec: NetSpec, opts: dict, batch: int, model32):
     """The float32 converted file with all three heads on onnxruntime: loads, logits, g − h,
     finite maps, SplitCAM ≥ 0, dynamic batch."""
-    conv = dconnx.convert(model32, methods="splitgrad,splitcam,splitlrp", **opts)
+    conv = dconnx.convert(model32, methods="splitgrad,splitcam,splitlrp", **opts).model
     x = input_for(spec, batch, np.float32)
     original = session(model32).run(None, {"input": x})[0]
     sess = session(conv)

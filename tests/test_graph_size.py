@@ -33,9 +33,9 @@ CASES += [("vgg16", "torchscript", m) for m in ("splitgrad", "splitgrad,splitcam
 @pytest.mark.parametrize("arch,exporter,methods", CASES)
 def test_products_per_conv(arch, exporter, methods, zoo_model):
     path = zoo_model(arch, exporter)
-    original = dconnx.convert(path)                 # canonical forward + g, h: one Conv per Conv
+    original = dconnx.convert(path, methods=()).model   # canonical forward + g, h: one Conv per Conv
     n_conv, _ = _products(original)
-    converted = dconnx.convert(path, methods=methods)
+    converted = dconnx.convert(path, methods=methods).model
     n, counts = _products(converted)
     assert n == PER_CONV[methods] * n_conv + INPUT_LAYER_EXTRA.get(methods, 0), (n, n_conv, counts)
     if methods:
@@ -48,8 +48,8 @@ def test_products_per_conv(arch, exporter, methods, zoo_model):
 def test_products_shrink_with_a_deeper_layer(zoo_model):
     """Maps at layer 26 of VGG16 need no transposed products below it."""
     path = zoo_model("vgg16", "torchscript")
-    full, _ = _products(dconnx.convert(path, methods="splitgrad"))
-    deep, _ = _products(dconnx.convert(path, methods="splitgrad", layer=26))
+    full, _ = _products(dconnx.convert(path, methods="splitgrad").model)
+    deep, _ = _products(dconnx.convert(path, methods="splitgrad", layer=26).model)
     n_conv = 13
     convs_above = 2   # features[26] and features[28] lie between layer 26 and the output
     assert full == 3 * n_conv

@@ -422,7 +422,7 @@ def test_hostile_model_is_refused(case, tmp_path, capsys):
 def test_external_data_inside_folder_is_read(tmp_path):
     """The control for the external data cases: the untouched layout converts."""
     path = _external()(tmp_path)
-    converted = dconnx.convert(path, tmp_path / "out.onnx", methods="splitgrad")
+    converted = dconnx.convert(path, tmp_path / "out.onnx", methods="splitgrad").model
     assert [o.name for o in converted.graph.output][:3] == ["logits", "g", "h"]
 
 

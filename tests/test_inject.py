@@ -16,7 +16,7 @@ def test_injected_gradient_equals_autograd_vjp():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     model = export(net, torch.tensor(x))
     # layer 6 enters the third Conv: inject there, collect at the input and at layer 3
-    conv = dconnx.convert(model, methods="gradient,splitgrad", inject=6, collect=["input", "3"])
+    conv = dconnx.convert(model, methods="gradient,splitgrad", inject=6, collect=["input", "3"]).model
     v = np.random.default_rng(1).standard_normal((2, 8, 4, 4)).astype(np.float32)
     out = run(conv, x, inject=v, alpha=0.5)
     xt = torch.tensor(x, requires_grad=True)

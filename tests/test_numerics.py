@@ -143,7 +143,7 @@ def deep():
     torch.set_num_threads(1)     # small ops: threads only wait on each other on a busy machine
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     model = export(plain_cnn(100, 4), torch.tensor(x))
-    conv = {s: dconnx.convert(model, methods="splitgrad,splitcam", stabilize=s, expose=["input"])
+    conv = {s: dconnx.convert(model, methods="splitgrad,splitcam", stabilize=s, expose=["input"]).model
             for s in ("recenter", "none")}
     return {"x": x, "conv": conv, "original": {o for n in model.graph.node for o in n.output}}
 

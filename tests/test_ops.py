@@ -65,8 +65,8 @@ def test_forward_split_reconstructs_output_float32(case, stabilize, exported):
     x = _data(case)
     f = module(torch.tensor(x)).detach().numpy()
     for maxpool in _modes(case):
-        conv = dconnx.convert(model, stabilize=stabilize, maxpool=maxpool, share_forward=False,
-                              expose=["input"])
+        conv = dconnx.convert(model, methods=(), stabilize=stabilize, maxpool=maxpool, share_forward=False,
+                              expose=["input"]).model
         out = run(conv, x)
         scale = np.max(np.abs(f)) + 1.0
         assert np.max(np.abs(out["g"] - out["h"] - f)) <= 2e-5 * scale * (1 + np.max(out["g"]) / scale)
@@ -86,8 +86,8 @@ def test_forward_split_float64_both_forms(case, exported):
     for maxpool in _modes(case):
         gh = {}
         for form in ("sumdiff", "four"):
-            conv = dconnx.convert(model, stabilize="none", maxpool=maxpool, share_forward=False,
-                                  linear_form=form)
+            conv = dconnx.convert(model, methods=(), stabilize="none", maxpool=maxpool, share_forward=False,
+                                  linear_form=form).model
             out = run(conv, x)
             # 1e-8, not 1e-12: ONNX float attributes (LeakyRelu's slope) are float32
             assert rel_err(out["g"] - out["h"], f) < 1e-8
@@ -105,7 +105,7 @@ def test_sensitivities_reconstruct_autograd_gradient(case, mode, exported):
     # "sum" reconstructs the gradient only with winner-takes-all pooling (docs/method.md)
     for maxpool in (_modes(case) if mode == "standard" else ["wta"]):
         conv = dconnx.convert(model, methods="splitgrad", relu_backward=mode, maxpool=maxpool,
-                              expose=["input"])
+                              expose=["input"]).model
         n_out = module(torch.tensor(x)).shape[1]
         for alpha, target in ((0.0, 0), (0.35, n_out // 2), (0.5, n_out - 1)):
             t = np.full(x.shape[0], target, dtype=np.int64)
@@ -128,7 +128,7 @@ def test_mask_diff_mode_does_not_reconstruct_gradient():
     model = export(module, torch.tensor(x))
     recon = {}
     for mode in ("standard", "mask_diff"):
-        out = run(dconnx.convert(model, methods="splitgrad", relu_backward=mode, expose=["input"]), x,
+        out = run(dconnx.convert(model, methods="splitgrad", relu_backward=mode, expose=["input"]).model, x,
                   alpha=0.0)
         recon[mode] = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
     grad = torch_grad(module, x, out["logits"].argmax(1))
@@ -145,8 +145,8 @@ def test_ties_mask_option_changes_relu_at_zero():
     x[:, :, :4] = 1.0
     model = export(module, torch.tensor(x))
     t = np.full(2, 3 * 8 * 8 - 1, dtype=np.int64)        # a position where x == 0
-    strict = run(dconnx.convert(model, methods="splitgrad", expose=["input"]), x, target=t, alpha=0.0)
-    geq = run(dconnx.convert(model, methods="splitgrad", ties="geq", expose=["input"]), x, target=t,
+    strict = run(dconnx.convert(model, methods="splitgrad", expose=["input"]).model, x, target=t, alpha=0.0)
+    geq = run(dconnx.convert(model, methods="splitgrad", ties="geq", expose=["input"]).model, x, target=t,
               alpha=0.0)
     grad = torch_grad(module, x, t)
     recon = lambda o: o["input::dpp"] - o["input::dnp"] - o["input::dpn"] + o["input::dnn"]  # noqa: E731

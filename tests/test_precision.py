@@ -31,6 +31,6 @@ def test_float16_model_agrees_with_float32():
     for m in ("splitcam", "splitlrp"):
         assert rel_err(a[m], b[m]) < 2e-2, m
     # the file: float16 weights, float32 interface
-    model = dconnx.convert(MODEL, methods="splitgrad", precision="float16")
+    model = dconnx.convert(MODEL, methods="splitgrad", precision="float16").model
     assert model.graph.input[0].type.tensor_type.elem_type == 1
     assert any(t.data_type == 10 for t in model.graph.initializer)

@@ -25,7 +25,7 @@ TIGHT = 1e-9
 def _converted(module, x, layer=None, expose=("input",), **opts):
     model = export(module, torch.tensor(x))
     return dconnx.convert(model, methods="splitgrad,splitcam,splitlrp", layer=layer, expose=list(expose),
-                          **opts)
+                          **opts).model
 
 
 def _check(out, res, prefix, key, tol=TIGHT):
@@ -134,7 +134,7 @@ def test_splitlrp_conserves_relevance(stabilize, maxpool):
     x = np.random.default_rng(2).standard_normal((3, 3, 16, 16))
     model = export(net, torch.tensor(x))
     for eps in (1e-12, 1e-2):
-        conv = dconnx.convert(model, methods="splitlrp", stabilize=stabilize, maxpool=maxpool, lrp_epsilon=eps)
+        conv = dconnx.convert(model, methods="splitlrp", stabilize=stabilize, maxpool=maxpool, lrp_epsilon=eps).model
         out = onnx_torch.run(conv, {"input": x})
         k = out["logits"].argmax(1)
         gk, hk = out["g"][np.arange(3), k], out["h"][np.arange(3), k]

@@ -13,7 +13,7 @@ def _list(text):
 def add_eval_parser(sub) -> None:
     from .benchmark import CSC_METHODS, DEFAULT_METHODS, METRICS, SANITY
     p = sub.add_parser("eval", help="metrics and sanity checks of the attribution methods (tables, CSV, plots)",
-                       description=__doc__.splitlines()[0])
+                       description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("model", help="the original .onnx model (it is converted by dconnx per layer)")
     p.add_argument("--data", default="synthetic",
                    help="synthetic (planted-evidence benchmark with masks), planted-photos (the same objects on "
@@ -21,7 +21,8 @@ def add_eval_parser(sub) -> None:
                         "(optional masks/<stem>.png, labels.csv) or an .npz (x or images, y, masks)")
     p.add_argument("--n", type=int, default=None, help="number of images (synthetic default 256)")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the generated sets (1 = the fixture's test set)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list of methods (`dconnx methods`; default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--alphas", default="0,0.35,0.4,0.5", help="alphas for splitgrad/splitcam")
     p.add_argument("--layers", default="0", help="comma list of layers (index N, N:out or tensor name)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"subset of {','.join(METRICS)}")
@@ -39,17 +40,20 @@ def add_eval_parser(sub) -> None:
                    "(default: the last spatial tensor)")
     p.add_argument("--csc-layers", default=None, help="layers where the cosine similarity is measured "
                    "(default: the input and every tensor entering a Conv below the injection)")
-    p.add_argument("--csc-methods", default=",".join(CSC_METHODS))
+    p.add_argument("--csc-methods", default=",".join(CSC_METHODS),
+                   help=f"methods of the cosine-similarity-convergence check (default {','.join(CSC_METHODS)})")
     p.add_argument("--csc-vectors", type=int, default=2, help="random vectors per image (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Max-Sensitivity noise and the CSC vectors")
     p.add_argument("--gallery", type=int, default=4, help="images in the heat-map gallery (0: none)")
-    p.add_argument("--gallery-layer", default=None)
-    p.add_argument("--gallery-alpha", type=float, default=None)
+    p.add_argument("--gallery-layer", default=None,
+                   help="layer of the gallery's maps (default: the first of --layers)")
+    p.add_argument("--gallery-alpha", type=float, default=None,
+                   help="alpha of the gallery's maps (default: 0.4 when in --alphas, else the first)")
     p.add_argument("--no-photos", action="store_true", help="leave scikit-image's photos out of the gallery")
     p.add_argument("--no-plots", action="store_true", help="write CSV files only")
     p.add_argument("--mean", default=None, help="input normalization mean (folders, .npz, LRP-γ bounds)")
     p.add_argument("--std", default=None, help="input normalization std")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="images per onnxruntime call (default 64)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("-o", "--out", default="eval-out", help="output folder (default eval-out)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

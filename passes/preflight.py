@@ -89,8 +89,8 @@ def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str |
         return ("storage_order=1 (column-major Indices) with its Indices output used by the graph "
                 "is not supported")
     if op == "AveragePool" and int(a.get("ceil_mode", 0)) and final and _partial_windows(view, node):
-        return ("ceil_mode=1 makes partial windows at the end of an axis (onnxruntime's divisor "
-                "there differs from the window's size); export with ceil_mode=0 or explicit pads")
+        return ("ceil_mode with partial windows at the end of an axis is not supported "
+                "(onnxruntime's divisor there is not the window's size); export with ceil_mode=0")
     if op in ("Add", "Sub", "Mul", "Div") and len(data_in) == 1:
         s_in, s_out = view.shape(data_in[0]), view.shape(node.output[0])
         known = s_in is not None and s_out is not None and len(s_in) == len(s_out)

@@ -171,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the layer indices (for --layer N) and the tensor names of a model.")
     p.add_argument("model", help="an original .onnx model")
     p.set_defaults(func=cmd_layers)
-    p = sub.add_parser("explain", help="explain an image with a converted model; writes PNG + .npy")
+    p = sub.add_parser("explain", help="explain an image with a converted model; writes PNG + .npy",
+                       description="Explain one image with a converted model: writes a PNG with the "
+                                   "image and one overlay per method, and the raw maps as .npy "
+                                   "beside it.")
     p.add_argument("model", help="a converted .onnx file")
     p.add_argument("image", help="an image file (PNG, JPEG, ...)")
     p.add_argument("-o", "--output", required=True, help="PNG to write (raw maps go beside it as .npy)")

@@ -457,3 +457,19 @@ def test_batcher_timeout_and_queue_limit():
 
     asyncio.run(main())
     assert calls == [1]      # the timed-out request was never run
+
+
+def test_overlay_colormap_follows_the_method():
+    """The server colours a map by its method, as `dconnx explain` does: a positive-only SplitGrad
+    map still gets the diverging map centred at 0, not the sequential one its sign would pick."""
+    from dconnx.serve.app import _overlay
+    from dconnx.viz import MapStyle, overlay
+    rng = np.random.default_rng(3)
+    picture = rng.uniform(size=(16, 16, 3))
+    heat = rng.uniform(0.1, 1.0, size=(16, 16))
+    by_method = overlay(picture, heat, style=MapStyle.of("splitgrad", heat, warn=False))
+    by_sign = overlay(picture, heat)
+    assert not np.array_equal(by_method, by_sign)
+    assert np.array_equal(_overlay(picture, heat, "splitgrad"), by_method)
+    assert np.array_equal(_overlay(picture, -heat, "splitcam"),
+                          overlay(picture, -heat, style=MapStyle.of("splitcam", -heat, warn=False)))

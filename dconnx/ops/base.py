@@ -120,7 +120,7 @@ def _plus(b, a: str | None, c: str | None, hint: str) -> str | None:
 
 
 def split_linear(comp: Compilation, lin: LinearMap, recenter: bool) -> None:
-    """Streams of y = W x + c from the streams of x (SPEC §1 linear rule)."""
+    """Streams of y = W x + c from the streams of x (the linear rule of docs/method.md §2)."""
     b = comp.b
     sp = comp.stream(lin.x)
     y = lin.y

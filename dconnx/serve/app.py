@@ -226,7 +226,7 @@ class Service:
             res["maps"] = {m: codec.encode_array(out[m]) for m in req.methods}
         if req.format in ("png", "both"):
             pictures = req.pictures or [self.images.picture(x) for x in req.x]
-            res["overlays"] = {m: [codec.png_b64(_overlay(p, a)) for p, a in zip(pictures, out[m])]
+            res["overlays"] = {m: [codec.png_b64(_overlay(p, a, m)) for p, a in zip(pictures, out[m])]
                                for m in req.methods}
         return res
 
@@ -242,13 +242,14 @@ def _b64_image(s, i: int) -> bytes:
         raise Malformed(f"images[{i}] is not valid base64: {e}") from None
 
 
-def _overlay(picture: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    from ..viz import overlay
+def _overlay(picture: np.ndarray, heat: np.ndarray, method: str) -> np.ndarray:
+    """The map over its picture, coloured by the method's own colormap (as `dconnx explain`)."""
+    from ..viz import MapStyle, overlay
     if heat.shape != picture.shape[:2]:    # maps kept at the layer's resolution (--no-upsample)
         from PIL import Image
         heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(
             (picture.shape[1], picture.shape[0]), Image.BILINEAR))
-    return overlay(picture, heat)
+    return overlay(picture, heat, style=MapStyle.of(method, heat, warn=False))
 
 
 def _status(e: Exception) -> tuple[int, str]:

@@ -107,21 +107,29 @@ def cmd_layers(args) -> int:
     from .compilation import Compilation, Options
     from .io import load_model, validate
     from .layers import feature_chain
+    from dconnx.passes.backward import shift_points_above
     from dconnx.passes.canonicalize import Canonicalize
     from dconnx.passes.preflight import Preflight
+    from dconnx.passes.split import plan_output
     comp = Compilation(validate(load_model(args.model)), Options())
     Preflight()(comp)
     Canonicalize()(comp)
+    plan_output(comp)
     inp = comp.view.data_inputs[0].name
-    print(f"feature chain of the canonical graph from '{inp}' (--layer N = entering op N, N:out = leaving):")
+    print(f"feature chain of the canonical graph from '{inp}' (--layer N = entering op N, N:out = leaving;")
+    print("K = alpha-shift points above the layer: SplitGrad/SplitCAM there scale their |W| part by "
+          "(1 - 2 alpha)^K; K = 0: alpha has no effect):")
+    print(f"  {'N':>3}  {'op':<18} {'node':<40} {'K':>3}  in")
     for op in feature_chain(comp.view, inp):
         shape = comp.view.shape(op.tensor_in)
-        print(f"  {op.index:>3}  {op.op_type:<18} {op.node_name:<40} in: {op.tensor_in} {shape}")
+        k = len(shift_points_above(comp, op.tensor_in))
+        print(f"  {op.index:>3}  {op.op_type:<18} {op.node_name:<40} {k:>3}  {op.tensor_in} {shape}")
     print("\nall data tensors (usable as --layer NAME):")
     for node in comp.model.graph.node:
         for o in node.output:
             if o in comp.view.data_tensors:
-                print(f"  {o:<50} {node.op_type:<18} {comp.view.shape(o)}")
+                k = len(shift_points_above(comp, o))
+                print(f"  {o:<50} {node.op_type:<18} K={k:<3} {comp.view.shape(o)}")
     return 0
 
 

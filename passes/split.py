@@ -60,6 +60,13 @@ def choose_explained(comp) -> str:
     return name
 
 
+def plan_output(comp) -> None:
+    """The explained output, its output layer(s) (no α-shift) and the nodes it depends on."""
+    comp.explained = choose_explained(comp)
+    comp.output_layers = find_output_layers(comp)
+    comp.needed_nodes = ancestors(comp, comp.explained)
+
+
 def find_output_layers(comp) -> set[str]:
     """The shift-point nodes whose outputs reach the explained output through non-shift ops
     only (on every branch); their α-shift is skipped, as the authors skip their output layer's."""
@@ -124,13 +131,11 @@ class Split(Pass):
         view, b = comp.view, comp.b
         x = view.data_inputs[0].name
         comp.input_name = x
-        comp.explained = choose_explained(comp)
+        plan_output(comp)
         comp.input_channel_axis = detect_channel_axis(comp)
         res.notes.append(f"input '{x}' {view.shape(x)}: channel axis {comp.input_channel_axis} "
                          f"({'given' if comp.opts.channel_axis is not None else 'detected'}); maps are "
                          f"[batch, {', '.join(str(d) for d in comp.spatial_shape(x))}]")
-        comp.output_layers = find_output_layers(comp)
-        comp.needed_nodes = ancestors(comp, comp.explained)
         comp.streams[x] = StreamPair(b.relu(x, hint=f"{x}::p"), b.relu(b.neg(x), hint=f"{x}::n"))
         for node in comp.model.graph.node:
             if node_key(node) not in comp.needed_nodes:

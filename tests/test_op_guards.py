@@ -196,3 +196,24 @@ def test_negative_pad_is_refused():
     with pytest.raises(dconnx.UnsupportedOpError, match="negative") as err:
         dconnx.convert(model, methods="splitgrad")
     assert [name for name, _, _ in err.value.nodes] == ["the_pad"]
+
+
+def test_layers_lists_the_alpha_shifts_above_each_layer(tmp_path, capsys):
+    """`dconnx layers` prints K, the α-shift points above each layer. Checked against the maps
+    themselves: in a chain SplitGrad = Σ_c (σ + ½∇f) with σ scaled by (1 − 2α) at each shift, so
+    SplitGrad(α) − SplitGrad(½) = (1 − 2α)^K · (SplitGrad(0) − SplitGrad(½))."""
+    from pathlib import Path
+    from dconnx.cli import main
+    model = str(Path(__file__).resolve().parent.parent / "models" / "fixture_cnn.onnx")
+    assert main(["layers", model]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    ks = {int(r[0]): int(r[3]) for r in rows if len(r) > 4 and r[0].isdigit() and r[3].isdigit()}
+    x = np.random.default_rng(8).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    checked = 0
+    for index in (8, 11, 12, 13):
+        conv, _ = dconnx.compile_model(model, methods="splitgrad", layer=index, upsample=False)
+        sg = {a: run(conv, x, alpha=a, target=np.array([1, 2]))["splitgrad"] for a in (0.0, 0.25, 0.5)}
+        expected = (1 - 2 * 0.25) ** ks[index] * (sg[0.0] - sg[0.5])
+        assert rel_err(sg[0.25] - sg[0.5], expected) < 1e-4, (index, ks[index])
+        checked += 1
+    assert checked == 4 and ks[13] == 0 and ks[12] == 1 and ks[0] > ks[8]

@@ -263,3 +263,15 @@ def test_convert_returns_a_result_with_a_short_repr(tmp_path):
     assert len(repr(unsaved)) < 300 and "not saved" in repr(unsaved)
     x = np.zeros((1, 3, 64, 64), np.float32)
     assert Explainer(result).maps(x)["splitcam"].shape == (1, 64, 64)    # accepted as the model
+
+
+def test_output_piped_into_head_is_not_an_error():
+    """`dconnx layers MODEL | head -2`: the closed pipe ends the listing quietly, exit 0."""
+    import subprocess
+    import sys
+    model = Path(__file__).resolve().parent.parent / "models" / "fixture_cnn.onnx"
+    proc = subprocess.run(f"'{sys.executable}' -m dconnx layers '{model}' | head -2; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
+    assert "error" not in proc.stderr, proc.stderr

@@ -9,6 +9,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+import peak_rss  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory) -> pathlib.Path:
@@ -36,11 +38,37 @@ def zoo_model(zoo_dir):
     return get
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Print the zoo timing table recorded by tests/test_zoo.py (record_property "zoo_timing")."""
+def pytest_configure(config):
+    try:
+        peak_rss.limit_gb(os.environ)      # a malformed DCONNX_TEST_RSS_LIMIT_GB stops the run at once
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when the pytest process's peak RSS exceeds the limit.
+
+    The limit is 6 GB (tests/peak_rss.py); DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides it.
+    The peaks are read here, once, and printed by pytest_terminal_summary.
+    """
+    self_kib, child_kib = peak_rss.peaks_kib()
+    message = peak_rss.over_limit(self_kib, peak_rss.limit_gb(os.environ))
+    session.config._dconnx_peak_rss = (peak_rss.summary(self_kib, child_kib), message)
+    if message and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Print the zoo timing table recorded by tests/test_zoo.py (record_property "zoo_timing")
+    and the session's peak RSS (failing the run above the limit, see pytest_sessionfinish)."""
     rows = [value for report in terminalreporter.stats.get("passed", [])
             for key, value in getattr(report, "user_properties", ()) if key == "zoo_timing"]
     if rows:
         terminalreporter.write_sep("-", "zoo timings (s): export | ORT load | torch+ORT run | op types")
         for row in rows:
             terminalreporter.write_line(row)
+    line, message = getattr(config, "_dconnx_peak_rss", (None, None))
+    if line:
+        terminalreporter.write_line(line)
+    if message:
+        terminalreporter.write_sep("=", "FAILED: " + message, red=True, bold=True)

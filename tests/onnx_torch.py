@@ -131,8 +131,10 @@ def run(model: onnx.ModelProto, feeds: dict) -> dict:
         env[t.name] = torch.from_numpy(np.array(numpy_helper.to_array(t)))
     for k, v in feeds.items():
         env[k] = torch.from_numpy(np.asarray(v))
+    outputs = {o.name for o in model.graph.output}
+    last_use = {name: i for i, node in enumerate(model.graph.node) for name in node.input if name}
     with torch.no_grad():
-        for node in model.graph.node:
+        for step, node in enumerate(model.graph.node):
             ins = [env[i] if i else None for i in node.input]
             outs = _eval(node, ins, _attrs(node), env)
             if not isinstance(outs, (list, tuple)):
@@ -140,6 +142,9 @@ def run(model: onnx.ModelProto, feeds: dict) -> dict:
             for name, val in zip(node.output, outs):
                 if name:
                     env[name] = val
+            for name in node.input:     # drop what no later node reads (float64 VGG16 kept GBs alive)
+                if name and last_use[name] == step and name not in outputs:
+                    env.pop(name, None)
     return {o.name: env[o.name].numpy() for o in model.graph.output}
 
 

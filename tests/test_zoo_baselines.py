@@ -1,7 +1,7 @@
 """Gradient and Gradient×Input equal torch autograd on every zoo model, both exporters.
 
 Named to run after tests/test_zoo.py, whose exports (session cache `zoo_dir`) it
-reuses. VGG16 is checked in float64 in tests/test_baselines.py instead: with
+reuses. VGG16 is checked in float64 (at 64x64) in tests/test_baselines.py instead: with
 random weights at 224x224 its float32 gradient is ill-conditioned (torch's own
 float32 gradient is ~7% off its float64 one).
 """

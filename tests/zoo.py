@@ -113,6 +113,44 @@ class TinyResidual(nn.Module):
         return self.fc(x)
 
 
+class VGG16Small(nn.Module):
+    """torchvision's VGG16 for size x size inputs (size a multiple of 32) in a test's memory.
+
+    Its `features` (cfg "D") and classifier layout are torchvision's, with torchvision's weight
+    init; the AdaptiveAvgPool2d((7, 7)), an identity at 224x224 that canonicalization removes,
+    is left out (neither exporter writes it as supported ops when it upsamples), and the
+    first Linear takes the (size/32)² features: 8.4M weights at 64x64 instead of 103M.
+    """
+
+    def __init__(self, size: int = 64, n_classes: int = 1000):
+        super().__init__()
+        if size % 32:
+            raise ValueError(f"VGG16Small needs a multiple of 32, not {size}")
+        self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+        k = size // 32
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * k * k, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, n_classes))
+        for m in self.modules():     # torchvision.models.VGG's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def build_vgg16_small(size: int = 64, seed: int = 0) -> nn.Module:
+    """VGG16Small with seeded random weights and randomized biases (as `build`), in eval mode."""
+    torch.manual_seed(seed)
+    model = VGG16Small(size)
+    _randomize(model, seed)
+    return model.eval()
+
+
 # --------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------

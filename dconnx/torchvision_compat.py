@@ -39,7 +39,7 @@ def define_missing_ops() -> bool:
         return False
     except (AttributeError, RuntimeError):
         pass
-    lib = torch.library.Library("torchvision", "DEF")
+    lib = torch.library.Library("torchvision", "FRAGMENT")   # claims no ownership of the namespace
     for schema in SCHEMAS:
         lib.define(schema)
     _library = lib

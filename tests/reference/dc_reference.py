@@ -412,6 +412,8 @@ class _Builder:
         st = k if (stride is None or stride == [] or stride == ()) else _pair(stride)
         params = dict(kernel_size=k, stride=st, padding=_pair(padding),
                       dilation=_pair(dilation), ceil_mode=bool(ceil_mode))
+        if k == st == (1, 1) and params["padding"] == (0, 0):
+            return src  # 1x1 window, stride 1, no padding: removed (docs/method.md §1)
         return self.emit("maxpool", [src.tid], node, pool=params, desc=str(params))
 
     def nonneg(self, kind, node, srcs, fn, desc=""):
@@ -530,6 +532,8 @@ class _Builder:
         k = _pair(kernel_size)
         st = k if (stride is None or stride == [] or stride == ()) else _pair(stride)
         pd = _pair(padding)
+        if k == st == (1, 1) and pd == (0, 0) and divisor_override in (None, 1):
+            return src  # 1x1 window, stride 1, no padding: removed (docs/method.md §1)
 
         def fn(t):
             return F.avg_pool2d(t, k, st, pd, ceil_mode, count_include_pad, divisor_override)

@@ -2,11 +2,18 @@
 exported with both PyTorch exporters.
 
 float32, onnxruntime: the split reconstructs the logits, the batch axis stays dynamic, the
-file stays the original's size, the three heads run, `target` and `alpha` are inputs.
+file stays the original's size, the three heads run, `target` and `alpha` are inputs; at
+α = 0.5 SplitGrad and SplitCAM equal half the torch autograd gradient and half of LayerCAM
+on the input streams (float32 tolerance).
 float64 (the same exported graph cast to double, run by the torch interpreter in
 tests/onnx_torch.py): SplitGrad at α = 0.5 equals half the channel-summed torch autograd
 gradient, SplitCAM at α = 0.5 equals half of LayerCAM on the input streams, for a target
-other than the argmax — exactly, free of float32 sign flips of pre-activations near 0.
+other than the argmax — exactly, free of float32 sign flips of pre-activations near 0; g, h
+and the three maps equal the independent float64 reference (tests/reference) on the module.
+
+With share_forward=True (the default) the difference stream is the original activation, so
+under recentering g − h = f holds by construction: every exactness check here also runs with
+share_forward=False, where the streams alone carry it.
 """
 import os
 
@@ -18,8 +25,9 @@ import torch
 import dconnx
 import onnx_torch
 import zoo
-from helpers import rel_err, session
+from helpers import rel_err, run, session
 from precision import to_float64
+from reference import dc_reference as ref
 
 ARCHS = ["resnet18", "squeezenet1_1", "mobilenet_v2", "shufflenet_v2_x0_5", "densenet121", "resnet50",
          "vgg16"]
@@ -40,6 +48,16 @@ def _file_bytes(path) -> int:
 def _input(arch, batch, dtype=np.float32):
     c, h, w = zoo.input_size(arch)
     return np.random.default_rng(7).standard_normal((batch, c, h, w)).astype(dtype)
+
+
+def _autograd_maps(arch, x, target, dtype=torch.float32):
+    """(Σ_c ∂f_target/∂x, LayerCAM on the input streams ReLU(Σ_c ReLU(∇f) ⊙ |x|)) by torch
+    autograd on the original module: the α = 0.5 values of SplitGrad and SplitCAM, doubled."""
+    net = zoo.build(arch).to(dtype)
+    xt = torch.tensor(x, dtype=dtype, requires_grad=True)
+    net(xt).gather(1, torch.as_tensor(target)[:, None]).sum().backward()
+    grad = xt.grad.double().numpy()
+    return grad.sum(1), np.maximum((np.maximum(grad, 0) * np.abs(x)).sum(1), 0)
 
 
 @pytest.mark.parametrize("arch,exporter", PARAMS)
@@ -79,13 +97,43 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model):
     other = dict(zip(names, sess.run(None, {"input": x, "target": target, "alpha": np.array(0.5, np.float32)})))
     for m in ("splitgrad", "splitcam", "splitlrp"):
         assert rel_err(other[m], out[m]) > 1e-2, m
+    # the values at α = 0.5 against torch autograd on the module (float32 rounding: 1e-3)
+    grad, layercam = _autograd_maps(arch, x, target)
+    assert rel_err(other["splitgrad"], 0.5 * grad) < 1e-3
+    assert rel_err(other["splitcam"], 0.5 * layercam) < 1e-3
 
 
-@pytest.mark.parametrize("arch,exporter", PARAMS64)
-def test_float64_heads_equal_autograd_at_alpha_half(arch, exporter, zoo_model):
+@pytest.mark.parametrize("arch,exporter", PARAMS)
+def test_float32_split_without_the_shared_forward(arch, exporter, zoo_model):
+    """share_forward=False: each difference stream is computed from the streams (W(p − n) + b)
+    instead of read from the original activation, so g − h = f is a property, not a construction."""
+    path = zoo_model(arch, exporter)
+    converted = dconnx.convert(path, methods=METHODS, share_forward=False).model
+    x = _input(arch, 2)
+    original = session(onnx.load(str(path))).run(None, {"input": x})[0]
+    target = (original.argmax(1) + 1) % original.shape[1]
+    out = run(converted, x, target=target, alpha=0.5)
+    assert rel_err(out["g"] - out["h"], original) < 1e-4
+    # recentered streams: g = relu(f), h = relu(−f)
+    assert rel_err(out["g"], np.maximum(original, 0)) < 1e-4
+    assert rel_err(out["h"], np.maximum(-original, 0)) < 1e-4
+    grad, layercam = _autograd_maps(arch, x, target)
+    assert rel_err(out["splitgrad"], 0.5 * grad) < 1e-3
+    assert rel_err(out["splitcam"], 0.5 * layercam) < 1e-3
+    assert np.isfinite(out["splitlrp"]).all()
+
+
+# share_forward=False once per architecture: what it changes is the compiler's, not the exporter's
+PARAMS64_SHARED = [pytest.param(*p.values, True, marks=p.marks, id=f"{p.id}-shared") for p in PARAMS64] + \
+    [pytest.param(*p.values, False, marks=p.marks, id=f"{p.id}-unshared") for p in PARAMS64
+     if p.values[1] == "torchscript"]
+
+
+@pytest.mark.parametrize("arch,exporter,share_forward", PARAMS64_SHARED)
+def test_float64_heads_equal_autograd_at_alpha_half(arch, exporter, share_forward, zoo_model):
     torch.set_num_threads(2)
     model64 = to_float64(onnx.load(str(zoo_model(arch, exporter))))
-    converted = dconnx.convert(model64, methods=METHODS).model
+    converted = dconnx.convert(model64, methods=METHODS, share_forward=share_forward).model
     x = _input(arch, 1, np.float64)
     out = onnx_torch.run(converted, {"input": x})
     target = (out["logits"].argmax(1) + 1) % out["logits"].shape[1]
@@ -96,10 +144,19 @@ def test_float64_heads_equal_autograd_at_alpha_half(arch, exporter, zoo_model):
     logits = net(xt)
     logits.gather(1, torch.as_tensor(target)[:, None]).sum().backward()
     grad = xt.grad.numpy()
+    f = logits.detach().numpy()
     # 1e-6, not 1e-12: the exporters fold BatchNorm into the Conv weights in float32, while
     # the torch model keeps BatchNorm; float32 rounding of the maps would show as 1e-2 here
-    assert rel_err(half["logits"], logits.detach().numpy()) < 1e-6
+    assert rel_err(half["logits"], f) < 1e-6
+    assert rel_err(half["g"] - half["h"], f) < 1e-6
     assert rel_err(half["splitgrad"], 0.5 * grad.sum(1)) < 1e-6
     layercam = np.maximum((np.maximum(grad, 0) * np.abs(x)).sum(1), 0)   # the input streams: p + n = |x|
     assert rel_err(half["splitcam"], 0.5 * layercam) < 1e-6
     assert rel_err(half["splitgrad"], out["splitgrad"]) > 1e-2        # alpha and target were honoured
+
+    # the independent float64 reference on the module: streams g, h and the three maps (SplitLRP
+    # reads the streams before recentering, P = (S + D)/2 and N = (S − D)/2, at every layer)
+    res = ref.run(net, torch.tensor(x), target=torch.as_tensor(target), alpha=0.5)
+    assert rel_err(half["g"], res.g.numpy()) < 1e-6 and rel_err(half["h"], res.h.numpy()) < 1e-6
+    for name, head in (("splitgrad", ref.splitgrad), ("splitcam", ref.splitcam), ("splitlrp", ref.splitlrp)):
+        assert rel_err(half[name], head(res, "input").numpy()) < 1e-6, name

@@ -12,7 +12,12 @@ What must hold, for every export:
   the graph's own logits to 1e-9, and those the framework's to 1e-6, the float32 rounding of
   the constants the exporters fold);
 * SplitGrad at α = 0.5 equals half the framework's input gradient summed over the detected
-  channel axis (float32: 1e-4 relative to the largest value; float64: 1e-6);
+  channel axis (float32: 1e-4 relative to the largest value; float64: 1e-6), and SplitCAM at
+  α = 0.5 half of LayerCAM on the input streams computed from that gradient,
+  ReLU(Σ_c ReLU(∇f) ⊙ |x|) (the input enters a Conv, so δpp + δnn = ½∇f there, and p + n = |x|);
+* with share_forward=True (the default) g − h = f holds by construction under recentering (the
+  difference stream is the original activation): the exactness checks also run with
+  share_forward=False, where g and h must equal relu(±f) of the framework's logits;
 * the maps are [batch, H, W] over the input's own spatial axes; the detected channel axis
   is reported and recorded as metadata;
 * the batch axis stays dynamic; SplitCAM and SplitLRP run and are finite.
@@ -74,11 +79,11 @@ def _value_info_warnings(caught) -> list[str]:
 
 
 @functools.cache
-def converted(name):
-    """(model, report, value_info warnings) of one conversion per fixture and session."""
+def converted(name, share_forward=True):
+    """(model, report, value_info warnings) of one conversion per fixture, mode and session."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, report = dconnx.compile_model(str(DIR / name), methods=METHODS)
+        model, report = dconnx.compile_model(str(DIR / name), methods=METHODS, share_forward=share_forward)
     return model, report, _value_info_warnings(caught)
 
 
@@ -86,9 +91,17 @@ def _spatial(x: np.ndarray, channel_axis: int) -> tuple:
     return tuple(d for i, d in enumerate(x.shape) if i not in (0, channel_axis))
 
 
-def _outputs(name, x, target):
-    model = converted(name)[0]
+def _outputs(name, x, target, share_forward=True):
+    model = converted(name, share_forward)[0]
     return run(model, x, target=target, alpha=np.float32(ALPHA))
+
+
+def _half_layercam(r) -> np.ndarray:
+    """½ ReLU(Σ_c ReLU(∇f) ⊙ |x|) from the framework's float64 gradient: SplitCAM at the input
+    at α = 0.5 (docs/method.md §4), computed without the converted graph."""
+    axis = int(r["channel_axis"])
+    x = r["x"].astype(np.float64)
+    return 0.5 * np.maximum((np.maximum(r["grad"], 0) * np.abs(x)).sum(axis=axis), 0)
 
 
 # ----------------------------------------------------------------------------- the fixtures
@@ -176,13 +189,17 @@ def test_fixtures_carry_the_exporter_patterns():
 
 # ----------------------------------------------------------------------------- conversion
 
+@pytest.mark.parametrize("share_forward", [True, False])
 @pytest.mark.parametrize("name", EXACT)
-def test_split_reproduces_framework_logits(name):
+def test_split_reproduces_framework_logits(name, share_forward):
     r = ref(name)
-    out = _outputs(name, r["x"], r["target"])
+    out = _outputs(name, r["x"], r["target"], share_forward)
     assert rel_err(out["logits"], r["logits"]) < REL32
     assert rel_err(out["g"] - out["h"], r["logits"]) < REL32
     assert out["g"].min() >= 0 and out["h"].min() >= 0
+    # recentered output streams: g = relu(f), h = relu(−f) of the framework's logits
+    assert rel_err(out["g"], np.maximum(r["logits"], 0)) < REL32
+    assert rel_err(out["h"], np.maximum(-r["logits"], 0)) < REL32
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -193,28 +210,35 @@ def test_splitgrad_at_half_is_half_the_framework_gradient(name):
     out = _outputs(name, r["x"], r["target"])
     assert out["splitgrad"].shape == want.shape
     assert rel_err(out["splitgrad"], want) < REL32
+    assert rel_err(out["splitcam"], _half_layercam(r)) < REL32
 
 
 @functools.cache
-def converted64(name):
+def converted64(name, share_forward=True):
     """The fixture cast to float64 (tests/precision.py), then converted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dconnx.convert(to_float64(onnx.load(str(DIR / name))), methods=METHODS).model
+        return dconnx.convert(to_float64(onnx.load(str(DIR / name))), methods=METHODS,
+                              share_forward=share_forward).model
 
 
+@pytest.mark.parametrize("share_forward", [True, False])
 @pytest.mark.parametrize("name", EXACT)
-def test_float64_is_exact(name):
+def test_float64_is_exact(name, share_forward):
     """In float64 (torch interpreter) there are no float32 sign flips of pre-activations near 0:
     g − h is the graph's own logits to 1e-9. Against the framework the bound is REL64_FRAMEWORK,
     not 1e-9: the exporters fold constants (tf2onnx: BatchNorm's gamma/sqrt(var + eps)) in
     float32, so the file is the float64 framework model only up to float32 rounding."""
     r = ref(name)
-    out = onnx_torch.run(converted64(name), {"input": r["x"].astype(np.float64), "target": r["target"],
-                                             "alpha": np.array(ALPHA, np.float64)})
+    out = onnx_torch.run(converted64(name, share_forward),
+                         {"input": r["x"].astype(np.float64), "target": r["target"],
+                          "alpha": np.array(ALPHA, np.float64)})
     assert rel_err(out["g"] - out["h"], out["logits"]) < REL64
     assert rel_err(out["logits"], r["logits"]) < REL64_FRAMEWORK
+    assert rel_err(out["g"], np.maximum(r["logits"], 0)) < REL64_FRAMEWORK
+    assert rel_err(out["h"], np.maximum(-r["logits"], 0)) < REL64_FRAMEWORK
     assert rel_err(out["splitgrad"], 0.5 * r["grad"].sum(axis=int(r["channel_axis"]))) < REL64_FRAMEWORK
+    assert rel_err(out["splitcam"], _half_layercam(r)) < REL64_FRAMEWORK
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -236,6 +260,7 @@ def test_maps_in_the_inputs_own_layout(name):
         assert np.all(np.isfinite(v)), m
         assert np.abs(v).max() > 0, f"{m} is all zero"
     assert maps["splitcam"].min() >= 0
+    assert rel_err(maps["splitcam"], _half_layercam(r)) < REL32     # its values: the framework's gradient
 
 
 @pytest.mark.parametrize("name", EXACT)

@@ -60,15 +60,25 @@ def _autograd_maps(arch, x, target, dtype=torch.float32):
     return grad.sum(1), np.maximum((np.maximum(grad, 0) * np.abs(x)).sum(1), 0)
 
 
+# float32 maps against float32 torch autograd: deep random nets flip the sign of pre-activations
+# near 0 between the two runtimes (VGG16, ResNet50: 1e-2 apart), so their values are checked in
+# float64 instead (tests/test_reference_match.py, the float64 test below); the rest agree to 1e-3
+FLOAT32_AUTOGRAD = {a for a in ARCHS if a not in SLOW}
+
+
 @pytest.mark.parametrize("arch,exporter", PARAMS)
-def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model):
+def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model, tmp_path):
     path = zoo_model(arch, exporter)
-    converted = dconnx.convert(path, methods=METHODS).model
+    converted = dconnx.convert(path, tmp_path / "model.dc.onnx", methods=METHODS)
     batch = 2 if arch == "vgg16" else 4
     x = _input(arch, batch)
     _, _, h, w = x.shape
 
-    original = session(onnx.load(str(path))).run(None, {"input": x})[0]
+    original = session(str(path)).run(None, {"input": x})[0]
+    # weights appear once: the file is about the original's size
+    assert converted.model.ByteSize() <= 1.05 * _file_bytes(path)
+    # the session reads the written file: one copy of VGG16's weights in memory at a time
+    converted = converted.path
     sess = session(converted)
     names = [o.name for o in sess.get_outputs()]
     assert names == ["logits", "g", "h", "splitgrad", "splitcam", "splitlrp"]
@@ -78,9 +88,6 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model):
     assert rel_err(out["g"] - out["h"], original) < 1e-4
     assert rel_err(out["logits"], original) < 1e-5
     assert out["g"].min() >= 0 and out["h"].min() >= 0
-
-    # weights appear once: the file is about the original's size
-    assert converted.ByteSize() <= 1.05 * _file_bytes(path)
 
     # one finite [batch, H, W] map per method
     for m in ("splitgrad", "splitcam", "splitlrp"):
@@ -97,13 +104,16 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model):
     other = dict(zip(names, sess.run(None, {"input": x, "target": target, "alpha": np.array(0.5, np.float32)})))
     for m in ("splitgrad", "splitcam", "splitlrp"):
         assert rel_err(other[m], out[m]) > 1e-2, m
-    # the values at α = 0.5 against torch autograd on the module (float32 rounding: 1e-3)
-    grad, layercam = _autograd_maps(arch, x, target)
-    assert rel_err(other["splitgrad"], 0.5 * grad) < 1e-3
-    assert rel_err(other["splitcam"], 0.5 * layercam) < 1e-3
+    del sess
+    if arch in FLOAT32_AUTOGRAD:   # the values at α = 0.5 against torch autograd on the module
+        grad, layercam = _autograd_maps(arch, x, target)
+        assert rel_err(other["splitgrad"], 0.5 * grad) < 1e-3
+        assert rel_err(other["splitcam"], 0.5 * layercam) < 1e-3
 
 
-@pytest.mark.parametrize("arch,exporter", PARAMS)
+# VGG16 is a plain chain of ops that the others cover; its unshared split runs in float64 in
+# tests/test_reference_match.py's op table and here it would double the suite's peak memory
+@pytest.mark.parametrize("arch,exporter", [p for p in PARAMS if p.values[0] != "vgg16"])
 def test_float32_split_without_the_shared_forward(arch, exporter, zoo_model):
     """share_forward=False: each difference stream is computed from the streams (W(p − n) + b)
     instead of read from the original activation, so g − h = f is a property, not a construction."""
@@ -117,10 +127,11 @@ def test_float32_split_without_the_shared_forward(arch, exporter, zoo_model):
     # recentered streams: g = relu(f), h = relu(−f)
     assert rel_err(out["g"], np.maximum(original, 0)) < 1e-4
     assert rel_err(out["h"], np.maximum(-original, 0)) < 1e-4
-    grad, layercam = _autograd_maps(arch, x, target)
-    assert rel_err(out["splitgrad"], 0.5 * grad) < 1e-3
-    assert rel_err(out["splitcam"], 0.5 * layercam) < 1e-3
     assert np.isfinite(out["splitlrp"]).all()
+    if arch in FLOAT32_AUTOGRAD:
+        grad, layercam = _autograd_maps(arch, x, target)
+        assert rel_err(out["splitgrad"], 0.5 * grad) < 1e-3
+        assert rel_err(out["splitcam"], 0.5 * layercam) < 1e-3
 
 
 # share_forward=False once per architecture: what it changes is the compiler's, not the exporter's

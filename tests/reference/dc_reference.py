@@ -513,10 +513,15 @@ class _Builder:
         if not self.fold_bn or len(node.users) != 1:
             return None
         (user,) = node.users
+        prev = node
+        # Dropout/Identity between them are removed first (docs/method.md §1): fold through them
+        while user.op == "call_module" and isinstance(self.modules[user.target], (nn.Dropout, nn.Identity)) \
+                and len(user.users) == 1:
+            prev, (user,) = user, user.users
         if user.op != "call_module":
             return None
         m = self.modules[user.target]
-        if type(m) is not bn_type or user.args[0] is not node or len(user.args) != 1:
+        if type(m) is not bn_type or user.args[0] is not prev or len(user.args) != 1:
             return None
         self.folded[user] = node
         return m

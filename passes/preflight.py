@@ -91,14 +91,11 @@ def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str |
     if op == "AveragePool" and int(a.get("ceil_mode", 0)) and final and _partial_windows(view, node):
         return ("ceil_mode with partial windows at the end of an axis is not supported "
                 "(onnxruntime's divisor there is not the window's size); export with ceil_mode=0")
-    if op in ("Add", "Sub", "Mul", "Div") and len(data_in) == 1:
-        s_in, s_out = view.shape(data_in[0]), view.shape(node.output[0])
-        known = s_in is not None and s_out is not None and len(s_in) == len(s_out)
-        if s_in is not None and s_out is not None and (
-                len(s_out) > len(s_in) or (known and s_in[1:] != s_out[1:]) or
-                (known and isinstance(s_out[0], int) and s_in[0] != s_out[0])):
-            return (f"the constant operand broadcasts the data tensor up from {s_in} to {s_out} "
-                    "(only constants that broadcast to the data's shape are supported)")
+    if op in ("Add", "Sub", "Mul", "Div") and len(data_in) == 1 and _broadcasts_up(
+            view.shape(data_in[0]), view.shape(node.output[0])):
+        return (f"the constant operand broadcasts the data tensor up from {view.shape(data_in[0])} "
+                f"to {view.shape(node.output[0])} (only constants that broadcast to the data's "
+                "shape are supported)")
     if op == "Slice" and len(node.input) > 4 and node.input[4]:
         steps = view.const(node.input[4])
         if (steps is None and final) or (steps is not None and np.any(steps != 1)):
@@ -141,6 +138,17 @@ def _indices_used(view: ModelView, node: onnx.NodeProto) -> bool:
     """Whether a MaxPool's Indices output is read by another node or is a graph output."""
     idx = node.output[1] if len(node.output) > 1 else ""
     return bool(idx) and (bool(view.consumers.get(idx)) or idx in set(view.output_names))
+
+
+def _broadcasts_up(s_in, s_out) -> bool:
+    """Whether an elementwise op's output is bigger than its data operand: a higher rank, or an
+    axis that is known on both sides and larger (symbolic dims, e.g. behind a Pad with computed
+    pads before canonicalization, are compared on the canonical graph, where they are static)."""
+    if s_in is None or s_out is None:
+        return False
+    if len(s_out) > len(s_in):
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and b > a for a, b in zip(s_in, s_out))
 
 
 def _partial_windows(view: ModelView, node: onnx.NodeProto) -> bool:

@@ -271,19 +271,15 @@ def test_regression_deep_mixed_example():
     check(spec, opts, 2, 0.4, np.array([2, 0]))     # recentered, without the shared forward
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="dconnx bug found by the fuzzer: SplitLRP "
-                   "under recentering builds a Conv transpose from a missing (None) relevance part")
 def test_regression_splitlrp_behind_subtracted_residual_and_relu6():
-    """Found by the fuzzer: x − relu(conv x), then ReLU6 and a two-Gemm head: converting with
-    SplitLRP and recentering raises TypeError in rulesets/lrp.py (splitgrad alone converts)."""
+    """Found by the fuzzer: x − relu(conv x), then ReLU6 and a two-Gemm head: under recentering
+    no relevance reaches the conv through the subtracted Relu (its n-stream is zero), and SplitLRP
+    once built a transpose product from that missing relevance (TypeError)."""
     spec = NetSpec((2, 10, 4), (Residual((Conv(2, (3, 3), 1, 1, 1, 1, False), Act("relu")), "rsub"),
                                 Act("relu6")), Head("flatten", 1, hidden=4, act="relu6"), seed=200)
     check(spec, _OPTS, 1, 0.38, np.array([0]))
 
 
-@pytest.mark.xfail(strict=True, raises=dconnx.UnsupportedOpError,
-                   reason="dconnx bug found by the fuzzer: preflight compares a symbolic channel dim "
-                          "with the constant's and refuses the Add as broadcasting the data up")
 def test_regression_channel_constant_after_exported_pad():
     """Found by the fuzzer: TorchScript exports F.pad with computed pads, so every dim after it is
     symbolic; a per-channel constant Add behind it ([3, 1, 1] on ['unk__0', 'unk__1', …]) is then

@@ -83,6 +83,8 @@ class SplitLRP(RuleSet):
 
     def linear(self, ct, lin):
         RP, RN = ct
+        if RP is None and RN is None:     # no relevance reaches this op (e.g. x − relu(conv x))
+            return ct
         if lin.kind == "move":
             return self._each(ct, lin.transpose)
         b = self.b
@@ -119,6 +121,8 @@ class SplitLRP(RuleSet):
 
     def maxpool(self, ct, win):
         RP, RN = ct
+        if RP is None and RN is None:
+            return ct
         if self.comp.opts.maxpool == "wta":
             return self._each(ct, win.route)
         b = self.b

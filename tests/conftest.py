@@ -45,6 +45,18 @@ def pytest_configure(config):
         raise pytest.UsageError(str(e)) from None
 
 
+_PEAKS = peak_rss.PeakTracker()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Record how much each test raised the process's peak RSS (reported in the summary)."""
+    before = peak_rss.peaks_kib()[0]
+    yield
+    _PEAKS.record(item.nodeid, before, peak_rss.peaks_kib()[0])
+    peak_rss.release_freed_memory()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail the session when the pytest process's peak RSS exceeds the limit.
 
@@ -70,5 +82,7 @@ def pytest_terminal_summary(terminalreporter, config):
     line, message = getattr(config, "_dconnx_peak_rss", (None, None))
     if line:
         terminalreporter.write_line(line)
+        if _PEAKS.raises:
+            terminalreporter.write_line("raised most by: " + "; ".join(_PEAKS.top()))
     if message:
         terminalreporter.write_sep("=", "FAILED: " + message, red=True, bold=True)

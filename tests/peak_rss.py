@@ -48,3 +48,31 @@ def over_limit(self_kib: int, limit: float) -> str | None:
         return None
     return (f"peak RSS of the pytest process {peak:.2f} GB exceeds the limit of {limit:g} GB "
             f"(set {LIMIT_ENV} to change it); shrink the largest tests' inputs or free their arrays")
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc malloc_trim),
+    so that what one big test freed does not stay resident under the next one."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to trim
+        pass
+
+
+class PeakTracker:
+    """Which tests raised the process's peak RSS, and by how much (KiB): the places to shrink."""
+
+    def __init__(self):
+        self.raises: dict[str, int] = {}
+
+    def record(self, test_id: str, before_kib: int, after_kib: int) -> None:
+        if after_kib > before_kib:
+            self.raises[test_id] = self.raises.get(test_id, 0) + after_kib - before_kib
+
+    def top(self, n: int = 3) -> list[str]:
+        """The n tests that raised the peak most, as 'test (+x.x GB)'."""
+        ranked = sorted(self.raises.items(), key=lambda kv: -kv[1])[:n]
+        return [f"{test} (+{kib_to_gb(kib):.1f} GB)" for test, kib in ranked]

@@ -30,3 +30,15 @@ def test_limit_from_environment():
 def test_peaks_are_this_process():
     self_kib, child_kib = peak_rss.peaks_kib()
     assert self_kib > 10_000 and child_kib >= 0     # a Python process with pytest loaded is over 10 MB
+
+
+def test_peak_tracker_ranks_the_tests_that_raised_the_peak():
+    tracker = peak_rss.PeakTracker()
+    gb = int(1e9 / 1024)                      # KiB in one GB
+    tracker.record("a", 1 * gb, 3 * gb)      # +2 GB
+    tracker.record("b", 3 * gb, 3 * gb)      # no rise: not listed
+    tracker.record("c", 3 * gb, 4 * gb)      # +1 GB
+    tracker.record("a", 4 * gb, 5 * gb)      # +1 GB more for a
+    assert tracker.top(2) == [f"a (+{peak_rss.kib_to_gb(3 * gb):.1f} GB)",
+                              f"c (+{peak_rss.kib_to_gb(gb):.1f} GB)"]
+    assert "b" not in tracker.raises

@@ -64,12 +64,16 @@ def _autograd_maps(arch, x, target, dtype=torch.float32):
 # near 0 between the two runtimes (VGG16, ResNet50: 1e-2 apart), so their values are checked in
 # float64 instead (tests/test_reference_match.py, the float64 test below); the rest agree to 1e-3
 FLOAT32_AUTOGRAD = {a for a in ARCHS if a not in SLOW}
+# SplitLRP's W⁺/W⁻ add two folded copies of VGG16's 553 MB of weights to the session (3.7 GB at
+# its start instead of 2.4): its VGG16 values are checked in float64 by test_reference_match.py
+HEADS = {"vgg16": ("splitgrad", "splitcam")}
 
 
 @pytest.mark.parametrize("arch,exporter", PARAMS)
 def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model, tmp_path):
     path = zoo_model(arch, exporter)
-    converted = dconnx.convert(path, tmp_path / "model.dc.onnx", methods=METHODS)
+    heads = HEADS.get(arch, tuple(METHODS.split(",")))
+    converted = dconnx.convert(path, tmp_path / "model.dc.onnx", methods=",".join(heads))
     batch = 2 if arch == "vgg16" else 4
     x = _input(arch, batch)
     _, _, h, w = x.shape
@@ -81,7 +85,7 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model, tmp_pa
     converted = converted.path
     sess = session(converted)
     names = [o.name for o in sess.get_outputs()]
-    assert names == ["logits", "g", "h", "splitgrad", "splitcam", "splitlrp"]
+    assert names == ["logits", "g", "h", *heads]
     out = dict(zip(names, sess.run(None, {"input": x})))
 
     # forward split: g − h is the logits of the original model; its own output is unchanged
@@ -90,7 +94,7 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model, tmp_pa
     assert out["g"].min() >= 0 and out["h"].min() >= 0
 
     # one finite [batch, H, W] map per method
-    for m in ("splitgrad", "splitcam", "splitlrp"):
+    for m in heads:
         assert out[m].shape == (batch, h, w) and np.isfinite(out[m]).all()
     assert out["splitcam"].min() >= 0
 
@@ -102,7 +106,7 @@ def test_float32_split_heads_and_dynamic_batch(arch, exporter, zoo_model, tmp_pa
     # target and alpha are run-time inputs
     target = (original.argmax(1) + 1) % original.shape[1]
     other = dict(zip(names, sess.run(None, {"input": x, "target": target, "alpha": np.array(0.5, np.float32)})))
-    for m in ("splitgrad", "splitcam", "splitlrp"):
+    for m in heads:
         assert rel_err(other[m], out[m]) > 1e-2, m
     del sess
     if arch in FLOAT32_AUTOGRAD:   # the values at α = 0.5 against torch autograd on the module

@@ -1,6 +1,7 @@
 """The public calls: `convert`, `Explainer`, `explain`."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -10,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from .compilation import Compilation, Options
-from .errors import DconnxError, InvalidModelError, OptionError
+from .errors import DconnxError, InvalidModelError, OptionError, OutputError
 from .io import load_model, save_model, validate
 
 # methods whose map weights the layer's activations (a class activation map): at the input
@@ -155,6 +156,21 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def refuse_input_as_output(model, output) -> None:
+    """OutputError when `output` is the model file itself (also through a symlink or a hard
+    link): writing there would replace the only copy of the original model."""
+    if not isinstance(model, (str, os.PathLike)) or not isinstance(output, (str, os.PathLike)):
+        return
+    try:
+        same = os.path.samefile(model, output)
+    except OSError:      # one of them does not exist (yet): then they are not the same file
+        same = os.path.realpath(model) == os.path.realpath(output)
+    if same:
+        raise OutputError(f"the output '{output}' is the input model '{model}'; converting in place would "
+                          "replace the original with the converted model: give another output path "
+                          "(e.g. model.dc.onnx)")
+
+
 def convert(model, output=None, options: Options | None = None, **kwargs) -> ConvertedModel:
     """Convert a model (path, bytes or ModelProto). Writes `output` atomically when given.
 
@@ -163,6 +179,8 @@ def convert(model, output=None, options: Options | None = None, **kwargs) -> Con
     converted ModelProto), `.report` (the ConversionReport), `.path` (`output`, or None).
     Raises a DconnxError on bad input; nothing is written then.
     """
+    if output is not None:
+        refuse_input_as_output(model, output)
     converted, report = compile_model(model, options, **kwargs)
     path = save_model(converted, output) if output is not None else None
     return ConvertedModel(converted, report, path)

@@ -60,9 +60,10 @@ def _add_convert(sub):
 
 
 def cmd_convert(args) -> int:
-    from .api import compile_model
+    from .api import compile_model, refuse_input_as_output
     from .io import check_output, save_model
     check_output(args.output)      # a folder in the way: refused before converting
+    refuse_input_as_output(args.model, args.output)
     model, report = compile_model(
         args.model, methods=args.methods, layer=args.layer, alpha=args.alpha, alpha_mode=args.alpha_mode,
         maxpool=args.maxpool, stabilize=args.stabilize, relu_backward=args.relu_backward, ties=args.ties,

@@ -1,60 +1,14 @@
 """The attribution methods: each is a rule set (what flows back) plus a head (how the
 cotangent and the forward values at the chosen layer become a [batch, h, w] map).
 
-A method is data: registering one here is all it takes for `--methods`, the
-`Explainer` and `dconnx methods` to know it. Rule sets are built once per
+A method is data: registering one (dconnx/method_registry.py) is all it takes for
+`--methods`, the `Explainer` and `dconnx methods` to know it. Rule sets are built once per
 conversion and shared by every method that names them (one walk, one forward).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
-from .errors import OptionError
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    summary: str
-    ruleset: str                           # key in RULESETS
-    head: Callable                         # (comp, tensor, ruleset, cotangent) -> [B, C, ...] or [B, ...]
-    reduce: str = "sum"                    # how channels are combined: "sum" | "none" (head already did)
-    params: dict = field(default_factory=dict)   # option name -> what it means (documented)
-    matches: str = ""                      # the reference library/definition it equals
-    signed: bool = True                    # False: maps are nonnegative by construction (CAMs)
-
-
-METHODS: dict[str, Method] = {}
-RULESETS: dict[str, Callable] = {}         # name -> factory(comp) -> RuleSet
-
-
-def register_method(m: Method) -> Method:
-    if m.name in METHODS:
-        raise RuntimeError(f"method {m.name} registered twice")
-    METHODS[m.name] = m
-    return m
-
-
-def register_ruleset(name: str, factory: Callable) -> None:
-    if name in RULESETS:
-        raise RuntimeError(f"rule set {name} registered twice")
-    RULESETS[name] = factory
-
-
-def parse_methods(methods) -> tuple[str, ...]:
-    if isinstance(methods, str):
-        methods = methods.split(",")
-    out = []
-    for m in methods:
-        m = m.strip().lower()
-        if not m:
-            continue
-        if m not in METHODS:
-            raise OptionError(f"unknown method '{m}'; known: {', '.join(METHODS)}")
-        if m not in out:
-            out.append(m)
-    return tuple(out)
+from .method_registry import (METHODS, RULESETS, Method, parse_methods,  # noqa: F401
+                              register_method, register_ruleset)
 
 
 # -- the split methods -----------------------------------------------------
@@ -102,4 +56,4 @@ register_method(Method(
                             "stabilize": "recenter | none"},
     matches="float64 reference; conserves g_k − h_k up to bias and ε shares"))
 
-from . import methods_baselines  # noqa: E402,F401  (Gradient, GradCAM, Guided BP, LRP baselines)
+from . import methods_baselines  # noqa: E402,F401  (Gradient, GradCAM, Guided BP, LRP, DeepLIFT, IG)

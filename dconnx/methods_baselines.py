@@ -10,7 +10,7 @@ with `register_lrp`.
 from __future__ import annotations
 
 from .errors import OptionError
-from .methods import Method, register_method, register_ruleset
+from .method_registry import Method, register_method, register_ruleset
 from .rulesets.gradient import GuidedBackprop, PlainGradient
 from .rulesets.lrp_rules import Composite, LRPRules
 

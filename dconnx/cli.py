@@ -81,17 +81,22 @@ def cmd_convert(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from .ops import CANONICALIZED, SUPPORTED, UNSUPPORTED
-    print("Supported ops (canonical graph):")
-    print(f"  {'op':<20} {'family':<14} {'shift':<9} {'recenter':<9} notes")
-    for op, info in sorted(SUPPORTED.items()):
-        print(f"  {op:<20} {info.family:<14} {str(info.shift):<9} {str(info.recenter):<9} {info.doc}")
-    print("\nRewritten by canonicalization:")
-    for op, what in sorted(CANONICALIZED.items()):
-        print(f"  {op:<20} -> {what}")
-    print("\nRefused (never approximated):")
-    for op, why in sorted(UNSUPPORTED.items()):
-        print(f"  {op:<20} {why}")
+    """One table of every declared op, from the op specs (dconnx/ops)."""
+    from .ops import SPECS
+    order = {"supported": 0, "canonicalized": 1, "shape-only": 2, "refused": 3}
+    flag = {True: "yes", False: "-", "two-data": "2 data"}
+    print(f"{'op':<20} {'status':<14} {'family':<17} {'shift':<7} {'recenter':<9} notes")
+    for op, s in sorted(SPECS.items(), key=lambda kv: (order.get(kv[1].kind, 9), kv[1].family, kv[0])):
+        if s.kind == "supported":
+            note = s.doc + (f"; canonicalize: {s.becomes}" if s.becomes else "")
+        elif s.kind == "canonicalized":
+            note = f"-> {s.becomes}"
+        elif s.kind == "refused":
+            note = s.refused
+        else:
+            note = "integer shape arithmetic only (folded or left alone; refused on float data)"
+        print(f"{op:<20} {s.kind:<14} {s.family:<17} {flag[s.shift]:<7} {flag[s.recenter]:<9} {note}")
+    print("\nAny other op is refused (no DC rule); smooth nonlinearities are never approximated.")
     return 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import InvalidModelError
+from .ops import CONST_OPERAND_OPS
 
 # A declaration must not make us allocate without bound.
 MAX_ELEMENTS = 2**31 - 1          # per tensor (runtimes index with int32)
@@ -21,8 +22,7 @@ MAX_PROTOBUF_BYTES = 2**31 - 1    # protobuf's own limit; bigger weights belong 
 FLOAT_ELEM_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                     onnx.TensorProto.BFLOAT16)
 # operands through which a non-finite constant poisons every output
-WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu", "Mul", "Div",
-              "Add", "Sub"}
+WEIGHT_OPS = CONST_OPERAND_OPS   # declared in each op's OpSpec (const_operands)
 # which repeated field holds the values when a tensor has no raw_data
 _T = onnx.TensorProto
 _TYPED_FIELD = {_T.FLOAT: "float_data", _T.DOUBLE: "double_data", _T.INT64: "int64_data",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .ops import FLOAT16_MISSING
+
 FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
 
@@ -20,7 +22,7 @@ def _retype(value_infos, to: int) -> None:
 
 
 # onnxruntime's CPU provider has no float16 ScatterElements with reduction "add"
-KEEP_FLOAT32 = {TensorProto.FLOAT16: ("ScatterElements",)}
+KEEP_FLOAT32 = {TensorProto.FLOAT16: FLOAT16_MISSING}
 
 
 def cast_model(model: onnx.ModelProto, to: int, keep_io: bool = False) -> onnx.ModelProto:

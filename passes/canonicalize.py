@@ -15,6 +15,8 @@ from dconnx.errors import InvalidModelError, UnsupportedOpError
 from dconnx.graph import ModelView
 from dconnx.io import MAX_OPSET, MIN_OPSET, infer_shapes
 from dconnx.ir import attrs, node_label
+from dconnx.ops import (ABSORBS_BATCHNORM, AUTO_PAD_OPS, EXPLAINS_INPUT, NONDETERMINISTIC, SUPPORTED,
+                        WINDOW_POOLS, rewritten_by)
 
 from . import Pass, PassResult
 
@@ -142,10 +144,9 @@ class Canonicalize(Pass):
         return res
 
     def ensures(self, comp):
-        from dconnx.ops import SUPPORTED
         for node in comp.model.graph.node:
             if any(i in comp.view.data_tensors for i in node.input) and node.op_type not in SUPPORTED \
-                    and node.op_type not in ("Softmax", "LogSoftmax"):
+                    and node.op_type not in EXPLAINS_INPUT:
                 raise AssertionError(f"{node_label(node)} ({node.op_type}) survived canonicalization")
 
     # -- rewrites ----------------------------------------------------------
@@ -176,7 +177,7 @@ class Canonicalize(Pass):
                 ed.g.node.remove(node)
                 res.apply(f"fold_constants: {node_label(node)} (static shape)")
                 continue
-            if not ins or not all(i in known for i in ins) or node.op_type in ("RandomNormal",):
+            if not ins or not all(i in known for i in ins) or node.op_type in NONDETERMINISTIC:
                 continue
             inits = {t.name: t for t in ed.g.initializer if t.name in ins}
             sub = helper.make_graph(
@@ -240,10 +241,10 @@ class Canonicalize(Pass):
         """Identity, Dropout, and pooling with 1×1 windows, stride 1 and no padding (VGG's
         adaptive pool at 224×224 exports as one) — which would otherwise count as an op."""
         for node in list(ed.g.node):
-            if node.op_type in ("AveragePool", "MaxPool") and _is_identity_pool(node):
+            if node.op_type in WINDOW_POOLS and _is_identity_pool(node):
                 if len(node.output) > 1 and node.output[1]:
                     continue
-            elif node.op_type not in ("Identity", "Dropout"):
+            elif node.op_type not in rewritten_by("remove_identity"):
                 continue
             if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and \
                     ed.view.consumers.get(node.output[1]):
@@ -257,7 +258,7 @@ class Canonicalize(Pass):
     def strip_softmax(self, ed: _Graph, res: PassResult):
         outs = {o.name for o in ed.g.output}
         for node in ed.g.node:
-            if node.op_type in ("Softmax", "LogSoftmax") and node.output[0] in outs:
+            if node.op_type in EXPLAINS_INPUT and node.output[0] in outs:
                 res.notes.append(f"explaining the logits '{node.input[0]}' that feed "
                                  f"{node.op_type} '{node_label(node)}' (output '{node.output[0]}')")
                 res.apply(f"strip_softmax: {node_label(node)} kept for its output, not explained")
@@ -395,7 +396,7 @@ class Canonicalize(Pass):
             x = bn.input[0]
             prod = view.producer.get(x)
             why = None
-            if prod is None or prod.op_type not in ("Conv", "Gemm"):
+            if prod is None or prod.op_type not in ABSORBS_BATCHNORM:
                 why = "not preceded by a Conv or Gemm"
             elif len(view.consumers.get(x, [])) != 1 or x in view.output_names:
                 why = "the Conv/Gemm output has other uses"
@@ -489,7 +490,7 @@ class Canonicalize(Pass):
     def leaky_to_relu(self, ed: _Graph, res: PassResult):
         view = ed.view
         for node in list(ed.g.node):
-            if node.op_type not in ("LeakyRelu", "PRelu") or not view.is_data(node.input[0]):
+            if node.op_type not in rewritten_by("leaky_to_relu") or not view.is_data(node.input[0]):
                 continue
             x, y = node.input[0], node.output[0]
             npdt = helper.tensor_dtype_to_np_dtype(view.dtypes.get(x, 1))
@@ -512,7 +513,7 @@ class Canonicalize(Pass):
     def explicit_pads(self, ed: _Graph, res: PassResult):
         view = ed.view
         for node in ed.g.node:
-            if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+            if node.op_type not in AUTO_PAD_OPS:
                 continue
             a = attrs(node)
             mode = a.get("auto_pad", "NOTSET")

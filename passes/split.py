@@ -10,7 +10,7 @@ import onnx
 from dconnx.compilation import StreamPair
 from dconnx.errors import OptionError
 from dconnx.ir import node_label
-from dconnx.ops import SPLIT_RULES, SUPPORTED
+from dconnx.ops import EXPLAINS_INPUT, SPLIT_RULES, SUPPORTED, TWO_DATA, ZERO_N_PRESERVING
 
 from . import Pass, PassResult
 
@@ -19,7 +19,7 @@ def is_shift_point(comp, node: onnx.NodeProto) -> bool:
     info = SUPPORTED.get(node.op_type)
     if info is None:
         return False
-    if info.shift == "two-data":
+    if info.shift == TWO_DATA:
         return sum(1 for i in node.input if i and comp.view.is_data(i)) == 2
     return bool(info.shift)
 
@@ -50,7 +50,7 @@ def choose_explained(comp) -> str:
     if name not in outs:
         raise OptionError(f"'{name}' is not an output of the model (outputs: {', '.join(outs)})")
     prod = view.producer.get(name)
-    if prod is not None and prod.op_type in ("Softmax", "LogSoftmax"):
+    if prod is not None and prod.op_type in EXPLAINS_INPUT:
         comp.notes.append(f"explaining the logits '{prod.input[0]}' (input of {prod.op_type} "
                           f"'{node_label(prod)}'), not the probabilities '{name}'")
         name = prod.input[0]
@@ -83,16 +83,11 @@ def find_output_layers(comp) -> set[str]:
     return found
 
 
-# ops that map a zero n-stream to a zero n-stream: data movement, winner-takes-all or
-# window-sum max pooling, nonnegative pooling without a bias
-ZERO_N_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
-                     "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad",
-                     "Concat", "Split"}
-
-
 def propagate_zero_n(comp, node: onnx.NodeProto) -> None:
     """Mark the outputs' n-streams structurally zero when every input's is (after a recentered
-    Relu, say), so that later rules skip them: a zero n-stream costs no product."""
+    Relu, say), so that later rules skip them: a zero n-stream costs no product. The ops that
+    map a zero n-stream to a zero n-stream (data movement, winner-takes-all or window-sum max
+    pooling, nonnegative pooling without a bias) say so in their OpSpec (`zero_n`)."""
     if node.op_type not in ZERO_N_PRESERVING:
         return
     ins = [i for i in node.input if i and comp.view.is_data(i)]
@@ -142,6 +137,8 @@ class Split(Pass):
                 continue
             if not any(i and view.is_data(i) for i in node.input):
                 continue
+            if not any(o and view.is_data(o) for o in node.output):
+                continue      # reads only the data's shape (a Shape feeding Resize sizes)
             SPLIT_RULES[node.op_type](comp, node)
             propagate_zero_n(comp, node)
             res.apply(f"{node.op_type} {node_label(node)}")

@@ -15,8 +15,9 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InvalidModelError
+from ..ops import WEIGHT_OPS
 
-PARAM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
+PARAM_OPS = WEIGHT_OPS     # the layers with trainable constant weights (their OpSpecs say so)
 
 
 @dataclass
@@ -72,10 +73,10 @@ def parameter_layers(model: onnx.ModelProto) -> list[ParamLayer]:
 
 
 def _fan_in(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type in ("Conv", "ConvTranspose"):
-        if node.op_type == "ConvTranspose":
-            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-            return int(w.shape[0] // max(groups, 1) * np.prod(w.shape[2:]))
+    if node.op_type == "ConvTranspose":
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return int(w.shape[0] // max(groups, 1) * np.prod(w.shape[2:]))
+    if node.op_type == "Conv":
         return int(np.prod(w.shape[1:]))
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)

@@ -11,6 +11,7 @@ from ..api import compile_model
 from ..errors import OptionError
 from ..io import load_model
 from ..methods import METHODS, parse_methods
+from ..ops import EXPLAINS_INPUT
 from ..runtime import Explainer, make_session
 from .metrics import softmax
 
@@ -49,7 +50,7 @@ def _logits_model(model: onnx.ModelProto) -> onnx.ModelProto:
     maps explain logits; predictions take the softmax of these)."""
     out = model.graph.output[0].name
     producer = next((n for n in model.graph.node if out in n.output), None)
-    if producer is None or producer.op_type not in ("Softmax", "LogSoftmax"):
+    if producer is None or producer.op_type not in EXPLAINS_INPUT:
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)

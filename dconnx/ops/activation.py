@@ -1,15 +1,19 @@
-"""Relu in "max" mode: relu(a − b) = max(a, b) − b, so (P, N) → (max(P, N), N)."""
+"""Relu and the activations canonicalization rewrites into it.
+
+Relu in "max" mode: relu(a − b) = max(a, b) − b, so (P, N) → (max(P, N), N).
+Clip, LeakyRelu, PRelu and Max(x, 0) become Relu exactly; Softmax/LogSoftmax
+stay for the model's output and the maps explain their input (the logits).
+"""
 from __future__ import annotations
 
-from . import backward_rule, describe, split_rule
+import numpy as np
+
+from ..ir import attrs
+from . import OpSpec, canonical_rewrite, op_spec
 from .base import set_streams
-
-describe("Relu", "activation", shift=True, recenter=True,
-         doc="max mode (max(P, N), N); backward modes standard / sum / mask_diff; "
-             "Clip, ReLU6, LeakyRelu, PRelu and Max(x, 0) are rewritten to it exactly")
+from .checks import all_of, constant_parameters, last_op_only, one_data_operand
 
 
-@split_rule("Relu")
 def split_relu(comp, node):
     sp = comp.stream(node.input[0])
     y = node.output[0]
@@ -19,6 +23,45 @@ def split_relu(comp, node):
         comp.zero_streams.add(comp.stream(y).n)     # max(P, N) ≥ N: nothing is left on n
 
 
-@backward_rule("Relu")
 def backward_relu(comp, node, rs, cts):
     return [(node.input[0], rs.relu(cts[0], node))]
+
+
+op_spec(OpSpec("Relu", "activation", split=split_relu, backward=backward_relu, shift=True, recenter=True,
+               doc="max mode (max(P, N), N); backward modes standard / sum / mask_diff; "
+                   "Clip, ReLU6, LeakyRelu, PRelu and Max(x, 0) are rewritten to it exactly"))
+
+
+def _check_clip(view, node, data_in, final):
+    for i in node.input[1:]:
+        if i and view.is_data(i):
+            return "clip bounds depend on the data"
+    return None
+
+
+def _check_leaky(view, node, data_in, final):
+    if not (0.0 <= float(attrs(node).get("alpha", 0.01)) < 1.0):
+        return "LeakyRelu slope must be in [0, 1)"
+    return None
+
+
+def _check_max(view, node, data_in, final):
+    consts = [view.const(i) for i in node.input if not view.is_data(i)]
+    if len(node.input) != 2 or not consts or (final and consts[0] is None) or \
+            (consts[0] is not None and np.any(consts[0] != 0)):
+        return "only Max(x, 0) (a Relu) is supported"
+    return None
+
+
+canonical_rewrite("Clip", "activation", "Relu(x - a) - Relu(x - b) + a (exact)", "clip_to_relu",
+                  check=_check_clip)
+canonical_rewrite("LeakyRelu", "activation", "s*x + (1 - s)*Relu(x) (exact)", "leaky_to_relu",
+                  check=_check_leaky)
+canonical_rewrite("PRelu", "activation", "s*x + (1 - s)*Relu(x) with constant slope (exact)",
+                  "leaky_to_relu", const_operands=True,
+                  check=all_of(one_data_operand, constant_parameters))
+canonical_rewrite("Max", "activation", "Relu(x) when one operand is the constant 0", "max_to_relu",
+                  shape_op=True, check=all_of(one_data_operand, _check_max))
+for _op in ("Softmax", "LogSoftmax"):
+    canonical_rewrite(_op, "activation", "kept for the original output; the maps explain its input (logits)",
+                      "strip_softmax", explains_input=True, check=last_op_only)

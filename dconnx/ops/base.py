@@ -8,8 +8,8 @@ its transpose (backward) with a chosen weight variant:
     "pos"  W⁺ = max(W, 0)             "neg"  W⁻ = max(−W, 0)
     "gamma=<g>"  W + g·W⁺  (LRP-γ)
 
-`deflinear` registers the split rule and the backward rule of such an op from
-one map factory, as JAX's `deflinear` does for linear primitives.
+`deflinear` declares such an op's OpSpec, its split and backward rules built
+from one map factory, as JAX's `deflinear` does for linear primitives.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import onnx
 
 from ..compilation import Compilation, StreamPair
 from ..ir import attrs
-from . import LINEAR_MAPS, backward_rule, describe, split_rule
+from . import OpSpec, op_spec
 
 NONNEG_VARIANTS = ("W", "abs", "pos")
 
@@ -148,22 +148,21 @@ def split_linear(comp: Compilation, lin: LinearMap, recenter: bool) -> None:
 
 
 def deflinear(op_type: str, family: str, make_map: Callable[[Compilation, onnx.NodeProto], LinearMap],
-              *, shift: bool, recenter: bool, doc: str) -> None:
-    """Register split and backward rules of an op that is linear in its one data input."""
-    describe(op_type, family, shift=shift, recenter=recenter, doc=doc)
-    LINEAR_MAPS[op_type] = make_map
+              *, shift, recenter, doc: str, **facts) -> OpSpec:
+    """Declare an op that is linear in its one data input: its split and backward rules come
+    from the map factory; other facts (keeps_sign, zero_n, check, …) as keywords."""
 
-    @split_rule(op_type)
     def _split(comp: Compilation, node: onnx.NodeProto) -> None:
         split_linear(comp, make_map(comp, node), recenter)
 
-    @backward_rule(op_type)
     def _backward(comp: Compilation, node: onnx.NodeProto, rs, cts):
         lin = make_map(comp, node)
         return [(lin.x, rs.linear(cts[0], lin))]
 
     _split.__name__ = f"split_{op_type.lower()}"
     _backward.__name__ = f"backward_{op_type.lower()}"
+    return op_spec(OpSpec(op_type, family, doc, split=_split, backward=_backward, linear_map=make_map,
+                          shift=shift, recenter=recenter, **facts))
 
 
 def data_inputs(comp: Compilation, node: onnx.NodeProto) -> list[str]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..compilation import StreamPair
+from . import OpSpec, canonical_rewrite, op_spec
 from .base import LinearMap, data_inputs, deflinear, set_streams, split_linear, weight_variant
-from . import backward_rule, describe, split_rule
+from .checks import all_of, constant_broadcasts_to_data, one_data_operand, same_shape_data
 
 
 class AffineMap(LinearMap):
@@ -90,13 +91,6 @@ def _split_sum(comp, node):
     set_streams(comp, y, P, N, recenter=True)
 
 
-for _op in ("Add", "Sub"):
-    describe(_op, "elementwise", shift="two-data", recenter="two-data",
-             doc="two data tensors of one shape: shift and recentering point; "
-                 "with a constant operand: affine bias")
-
-
-@split_rule("Add")
 def split_add(comp, node):
     if _two_data(comp, node):
         _split_sum(comp, node)
@@ -104,31 +98,32 @@ def split_add(comp, node):
         split_linear(comp, affine_of(comp, node), recenter=False)
 
 
-@split_rule("Sub")
-def split_sub(comp, node):
-    split_add(comp, node)
-
-
-@backward_rule("Add")
 def backward_add(comp, node, rs, cts):
     if _two_data(comp, node):
-        ca, cb = rs.sum2(cts[0], node, sign=+1)
+        ca, cb = rs.sum2(cts[0], node, sign=+1 if node.op_type == "Add" else -1)
         return [(node.input[0], ca), (node.input[1], cb)]
     lin = affine_of(comp, node)
     return [(lin.x, rs.linear(cts[0], lin))]
 
 
-@backward_rule("Sub")
-def backward_sub(comp, node, rs, cts):
-    if _two_data(comp, node):
-        ca, cb = rs.sum2(cts[0], node, sign=-1)
-        return [(node.input[0], ca), (node.input[1], cb)]
-    lin = affine_of(comp, node)
-    return [(lin.x, rs.linear(cts[0], lin))]
+def _check_div(view, node, data_in, final):
+    if not view.is_data(node.input[0]):
+        return "division by a data-dependent tensor is not supported"
+    return None
 
 
-deflinear("Mul", "elementwise", affine_of, shift=False, recenter=False,
+for _op in ("Add", "Sub"):
+    op_spec(OpSpec(_op, "elementwise", split=split_add, backward=backward_add, shift="two-data",
+                   recenter="two-data", shape_op=True, const_operands=True,
+                   check=all_of(constant_broadcasts_to_data, same_shape_data),
+                   doc="two data tensors of one shape: shift and recentering point; "
+                       "with a constant operand: affine bias"))
+
+deflinear("Mul", "elementwise", affine_of, shift=False, recenter=False, shape_op=True, const_operands=True,
+          check=all_of(one_data_operand, constant_broadcasts_to_data),
           doc="by a constant (either sign; per-channel constants too); data x data is refused")
+canonical_rewrite("Div", "elementwise", "Mul by the reciprocal constant", "div_to_mul", shape_op=True,
+                  const_operands=True, check=all_of(one_data_operand, _check_div, constant_broadcasts_to_data))
 
 
 def constant_streams(comp, name: str) -> StreamPair:

@@ -8,8 +8,9 @@ input size.
 from __future__ import annotations
 
 from ..errors import UnsupportedOpError
-from ..ir import node_label
+from ..ir import attrs, node_label
 from .base import LinearMap, deflinear, weight_variant
+from .checks import all_of, constant_parameters, one_data_operand
 
 
 class ConvMap(LinearMap):
@@ -149,9 +150,34 @@ class MatMulMap(LinearMap):
         return self.b.op("MatMul", [ct, wt], hint=f"{self.x}::matmulT.{variant}")
 
 
-deflinear("Conv", "linear", ConvMap, shift=True, recenter=True,
+def _check_conv(view, node, data_in, final):
+    if view.is_data(node.input[1]):
+        return "the weight depends on the data"
+    return None
+
+
+def _check_matmul(view, node, data_in, final):
+    if not view.is_data(node.input[0]):
+        return "only data @ constant is supported (constant @ data is not)"
+    wshape = view.shape(node.input[1])
+    if wshape is None or len(wshape) != 2:
+        return "only a rank-2 constant right operand is supported"
+    return None
+
+
+def _check_gemm(view, node, data_in, final):
+    if int(attrs(node).get("transA", 0)):
+        return "transA=1 would put the batch axis second"
+    return None
+
+
+_WEIGHT_LAYER = dict(shift=True, recenter=True, weights=True, const_operands=True, absorbs_batchnorm=True)
+deflinear("Conv", "linear", ConvMap, **_WEIGHT_LAYER, auto_pad=True,
+          check=all_of(one_data_operand, constant_parameters, _check_conv),
           doc="any stride/padding/dilation/groups (grouped, depthwise); constant weight and bias")
-deflinear("Gemm", "linear", GemmMap, shift=True, recenter=True,
+deflinear("Gemm", "linear", GemmMap, **_WEIGHT_LAYER,
+          check=all_of(one_data_operand, constant_parameters, _check_gemm),
           doc="constant weight (transB either way) and bias; alpha/beta/transA folded by canonicalize")
-deflinear("MatMul", "linear", MatMulMap, shift=True, recenter=True,
+deflinear("MatMul", "linear", MatMulMap, **{**_WEIGHT_LAYER, "absorbs_batchnorm": False},
+          check=all_of(one_data_operand, constant_parameters, _check_matmul),
           doc="data @ constant 2-D matrix (a MatMul of two data tensors is refused)")

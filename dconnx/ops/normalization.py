@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ir import attrs
 from .base import deflinear
+from .checks import all_of, constant_parameters
 from .elementwise import AffineMap
+
 
 def bn_map(comp, node) -> AffineMap:
     v = comp.view
@@ -22,6 +25,13 @@ def bn_map(comp, node) -> AffineMap:
     return lin
 
 
-deflinear("BatchNormalization", "normalization", bn_map, shift=True, recenter=True,
+def _check_training(view, node, data_in, final):
+    if int(attrs(node).get("training_mode", 0)):
+        return "training-mode BatchNormalization"
+    return None
+
+
+deflinear("BatchNormalization", "normalization", bn_map, shift=True, recenter=True, weights=True,
+          const_operands=True, check=all_of(constant_parameters, _check_training),
           doc="inference mode; folded into the preceding Conv/Gemm where legal, "
               "else split as a per-channel affine map (a shift and recentering point)")

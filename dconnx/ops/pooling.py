@@ -13,8 +13,9 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from ..ir import attrs, node_label
-from . import backward_rule, describe, split_rule
+from . import OpSpec, op_spec
 from .base import LinearMap, deflinear, set_streams
+from .checks import reduce_axes_not_batch
 
 
 class Window:
@@ -111,12 +112,6 @@ def _zero_tensor(dtype):
 
 
 # -- MaxPool ---------------------------------------------------------------
-describe("MaxPool", "pooling", shift=True, recenter=False,
-         doc='"wta": both streams gathered at the argmax of p − n (default); '
-             '"dc": exact DC form max_i(p_i + Σ_{j≠i} n_j) − Σ_j n_j; backward scatter-adds')
-
-
-@split_rule("MaxPool")
 def split_maxpool(comp, node):
     w = Window(comp, node)
     sp = comp.stream(w.x)
@@ -135,9 +130,27 @@ def split_maxpool(comp, node):
     set_streams(comp, w.y, P, N, recenter=False)
 
 
-@backward_rule("MaxPool")
 def backward_maxpool(comp, node, rs, cts):
     return [(node.input[0], rs.maxpool(cts[0], Window(comp, node)))]
+
+
+def _check_maxpool(view, node, data_in, final):
+    idx = node.output[1] if len(node.output) > 1 else ""
+    if idx and view.consumers.get(idx):
+        users = ", ".join(sorted({f"{n.op_type} '{n.name or n.output[0]}'" for n in view.consumers[idx]}))
+        return (f"its Indices output '{idx}' (integer argmax positions) feeds the graph ({users}): "
+                "a computation on argmax positions is not differentiable and is not supported")
+    if int(attrs(node).get("storage_order", 0)) and idx and idx in set(view.output_names):
+        return ("storage_order=1 (column-major Indices) with its Indices output used by the graph "
+                "is not supported")
+    return None
+
+
+op_spec(OpSpec("MaxPool", "pooling", split=split_maxpool, backward=backward_maxpool, shift=True,
+               recenter=False, keeps_sign=True, zero_n=True, auto_pad=True, window_pool=True,
+               check=_check_maxpool,
+               doc='"wta": both streams gathered at the argmax of p − n (default); '
+                   '"dc": exact DC form max_i(p_i + Σ_{j≠i} n_j) − Σ_j n_j; backward scatter-adds'))
 
 
 # -- average pooling -------------------------------------------------------
@@ -240,11 +253,37 @@ class ReduceSumMap(LinearMap):
         return b.op("Expand", [ct, shape], hint=f"{self.x}::reduceT")
 
 
-deflinear("ReduceSum", "pooling", ReduceSumMap, shift=False, recenter=False,
-          doc="over non-batch axes")
-deflinear("ReduceMean", "pooling", ReduceSumMap, shift=False, recenter=False,
+def _check_avgpool(view, node, data_in, final):
+    if int(attrs(node).get("ceil_mode", 0)) and final and partial_windows(view, node):
+        return ("ceil_mode with partial windows at the end of an axis is not supported "
+                "(onnxruntime's divisor there is not the window's size); export with ceil_mode=0")
+    return None
+
+
+def partial_windows(view, node) -> bool:
+    """Whether a pool's output is longer than floor arithmetic gives (ceil_mode windows that
+    start inside the input but end past its padded end)."""
+    a = attrs(node)
+    xs, ys = view.shape(node.input[0]), view.shape(node.output[0])
+    k = list(a["kernel_shape"])
+    nd = len(k)
+    s, d = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    pads = list(a.get("pads", [0] * (2 * nd)))
+    for i in range(nd):
+        floor = (xs[2 + i] + pads[i] + pads[nd + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        if ys[2 + i] != floor:
+            return True
+    return False
+
+
+deflinear("ReduceSum", "pooling", ReduceSumMap, shift=False, recenter=False, zero_n=True,
+          check=reduce_axes_not_batch, doc="over non-batch axes")
+deflinear("ReduceMean", "pooling", ReduceSumMap, shift=False, recenter=False, zero_n=True,
+          check=reduce_axes_not_batch,
           doc="over non-batch axes (over all spatial axes it becomes GlobalAveragePool)")
-deflinear("AveragePool", "pooling", AveragePoolMap, shift=False, recenter=False,
+deflinear("AveragePool", "pooling", AveragePoolMap, shift=False, recenter=False, keeps_sign=True,
+          zero_n=True, auto_pad=True, window_pool=True, check=_check_avgpool,
           doc="nonnegative linear map on each stream (count_include_pad either way)")
 deflinear("GlobalAveragePool", "pooling", GlobalAveragePoolMap, shift=False, recenter=False,
+          keeps_sign=True, zero_n=True,
           doc="nonnegative linear map on each stream (spatial ReduceMean is rewritten to it)")

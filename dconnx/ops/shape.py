@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backward_rule, describe, split_rule
+from ..ir import attrs
+from . import OpSpec, canonical_rewrite, op_spec
 from .base import LinearMap, deflinear, set_streams
+from .checks import not_along_batch
 from .elementwise import constant_streams
 
 BIG = 2 ** 62
@@ -90,21 +92,63 @@ class SliceMap(MoveMap):
                          hint=f"{self.x}::sliceT")
 
 
-deflinear("Reshape", "shape", ReshapeMap, shift=False, recenter=False,
+def _check_pad(view, node, data_in, final):
+    a = attrs(node)
+    if a.get("mode", "constant") != "constant":
+        return f"pad mode '{a.get('mode')}' is not supported (constant 0 only)"
+    if len(node.input) > 2 and node.input[2]:
+        v = view.const(node.input[2])
+        if (v is None and final) or (v is not None and np.any(v != 0)):
+            return "only zero padding is supported"
+    pads = view.const(node.input[1]) if len(node.input) > 1 and node.input[1] else \
+        np.asarray(a.get("pads", []))
+    if pads is not None and np.any(np.asarray(pads) < 0):
+        return f"negative pads {np.asarray(pads).tolist()} (cropping) are not supported"
+    return None
+
+
+def _check_slice(view, node, data_in, final):
+    if len(node.input) > 4 and node.input[4]:
+        steps = view.const(node.input[4])
+        if (steps is None and final) or (steps is not None and np.any(steps != 1)):
+            return "only unit steps are supported"
+    return None
+
+
+def _check_transpose(view, node, data_in, final):
+    if list(attrs(node).get("perm", [0]))[:1] != [0]:
+        return "the permutation moves the batch axis"
+    return None
+
+
+def _check_flatten(view, node, data_in, final):
+    if int(attrs(node).get("axis", 1)) != 1:
+        return "flattening must keep the batch axis (axis=1)"
+    return None
+
+
+_MOVE = dict(shift=False, recenter=False, keeps_sign=True, zero_n=True)
+deflinear("Reshape", "shape", ReshapeMap, **_MOVE, shape_op=True,
           doc="constant target shape that keeps the batch axis (Flatten is rewritten to it)")
-deflinear("Transpose", "shape", TransposeMap, shift=False, recenter=False,
+deflinear("Transpose", "shape", TransposeMap, **_MOVE, shape_op=True, check=_check_transpose,
           doc="any permutation that keeps axis 0 first")
-deflinear("Squeeze", "shape", SqueezeMap, shift=False, recenter=False, doc="constant axes, not axis 0")
-deflinear("Unsqueeze", "shape", SqueezeMap, shift=False, recenter=False, doc="constant axes, not axis 0")
-deflinear("Pad", "shape", PadMap, shift=False, recenter=False,
+deflinear("Squeeze", "shape", SqueezeMap, **_MOVE, shape_op=True, doc="constant axes, not axis 0")
+deflinear("Unsqueeze", "shape", SqueezeMap, **_MOVE, shape_op=True, doc="constant axes, not axis 0")
+deflinear("Pad", "shape", PadMap, **_MOVE, check=_check_pad,
           doc="mode constant with value 0, nonnegative pads, batch axis unpadded")
-deflinear("Slice", "shape", SliceMap, shift=False, recenter=False,
+deflinear("Slice", "shape", SliceMap, **_MOVE, shape_op=True, check=_check_slice,
           doc="constant starts/ends/axes, unit steps, batch axis untouched")
+
+canonical_rewrite("Identity", "shape", "removed", "remove_identity", shape_op=True)
+canonical_rewrite("Dropout", "shape", "removed (inference)", "remove_identity")
+canonical_rewrite("Flatten", "shape", "Reshape", "flatten_to_reshape", check=_check_flatten)
+canonical_rewrite("Constant", "shape", "folded into initializers", "constants_to_initializers",
+                  shape_op=True)
+canonical_rewrite("Shape", "shape", "folded where the shape is static (integer subgraphs are never split)",
+                  "fold_constants", shape_op=True, metadata_only=True)
 
 
 # -- Concat: several inputs, one output ------------------------------------
-describe("Concat", "shape", shift=False, recenter=False,
-         doc="along a non-batch axis; constant operands allowed")
 
 
 def _pieces(comp, node, whole: str, pieces) -> tuple[int, list[int], np.ndarray]:
@@ -118,7 +162,6 @@ def _concat_offsets(comp, node):
     return _pieces(comp, node, node.output[0], node.input)
 
 
-@split_rule("Concat")
 def split_concat(comp, node):
     axis, _, _ = _concat_offsets(comp, node)
     pairs = [comp.stream(i) if comp.view.is_data(i) else constant_streams(comp, i)
@@ -130,7 +173,6 @@ def split_concat(comp, node):
     set_streams(comp, y, P, N, recenter=False)
 
 
-@backward_rule("Concat")
 def backward_concat(comp, node, rs, cts):
     axis, sizes, _ = _concat_offsets(comp, node)
     pieces = rs.move_multi(cts[0], lambda t: comp.b.split(t, sizes, axis, hint=f"{node.output[0]}::concatT"))
@@ -138,14 +180,16 @@ def backward_concat(comp, node, rs, cts):
 
 
 # -- Split: one input, several outputs -------------------------------------
-describe("Split", "shape", shift=False, recenter=False, doc="along a non-batch axis")
+op_spec(OpSpec("Concat", "shape", split=split_concat, backward=backward_concat, **_MOVE, shape_op=True,
+               check=not_along_batch, doc="along a non-batch axis; constant operands allowed"))
+
+
 
 
 def _split_geometry(comp, node):
     return _pieces(comp, node, node.input[0], node.output)
 
 
-@split_rule("Split")
 def split_split(comp, node):
     axis, sizes, _ = _split_geometry(comp, node)
     sp = comp.stream(node.input[0])
@@ -174,7 +218,6 @@ class SplitPieceMap(LinearMap):
         return self.b.op("Pad", [ct, self.b.ints(pads)], mode="constant", hint=f"{self.x}::splitT")
 
 
-@backward_rule("Split")
 def backward_split(comp, node, rs, cts):
     axis, sizes, offsets = _split_geometry(comp, node)
     total = int(offsets[-1])
@@ -185,3 +228,6 @@ def backward_split(comp, node, rs, cts):
             out.append((node.input[0], rs.linear(ct, lin)))
     return out
 
+
+op_spec(OpSpec("Split", "shape", split=split_split, backward=backward_split, **_MOVE, shape_op=True,
+               check=not_along_batch, doc="along a non-batch axis"))

@@ -20,15 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OptionError
+from ..ops import KEEPS_SIGN   # ops through which a nonnegative tensor stays nonnegative
 from .base import RuleSet
 
 STABILIZER = 1e-6          # Zennit's `stabilizer` default for every rule but Epsilon
 CONV_RULES = ("epsilon", "gamma", "zplus")
 FIRST_RULES = (None, "zbox")
-
-# ops through which a nonnegative tensor stays nonnegative (zero padding only, after canonicalize)
-_KEEPS_SIGN = {"MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Squeeze",
-               "Unsqueeze", "Slice", "Pad", "Split"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ def known_nonneg(comp, t: str) -> bool:
         if node.op_type == "Relu":
             return True
         data = [i for i in node.input if i and comp.view.is_data(i)]
-        if node.op_type in _KEEPS_SIGN or node.op_type == "Concat":
+        if node.op_type in KEEPS_SIGN:
             return bool(data) and all(known_nonneg(comp, i) for i in data)
         return False
     return comp.cached(("nonneg", t), make)

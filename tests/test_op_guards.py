@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dconnx
 import onnx_torch
-from helpers import export, rel_err, run, torch_grad
+from helpers import export, rel_err, run, session, torch_grad
 from reference import dc_reference as ref
 
 
@@ -217,3 +217,103 @@ def test_layers_lists_the_alpha_shifts_above_each_layer(tmp_path, capsys):
         assert rel_err(sg[0.25] - sg[0.5], expected) < 1e-4, (index, ks[index])
         checked += 1
     assert checked == 4 and ks[13] == 0 and ks[12] == 1 and ks[0] > ks[8]
+
+
+def _indices_feed_model():
+    """Conv → Relu → MaxPool whose Indices output is cast to float and added to its values →
+    Flatten → Gemm: the graph computes on argmax positions."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((5, 36)).astype(np.float32), "fc_w")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p", "p_idx"], name="the_pool", kernel_shape=[2, 2],
+                              strides=[2, 2]),
+             helper.make_node("Cast", ["p_idx"], ["p_idx_f"], name="cast_idx", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["p", "p_idx_f"], ["q"], name="add_idx"),
+             helper.make_node("Flatten", ["q"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc_w"], ["logits"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                          initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_maxpool_indices_feeding_the_graph_is_refused():
+    """Once `RuntimeError: no streams for tensor ... (split pass missing?)` with a traceback."""
+    with pytest.raises(dconnx.UnsupportedOpError, match="Indices") as err:
+        dconnx.convert(_indices_feed_model(), methods="splitgrad")
+    pools = [(name, op, why) for name, op, why in err.value.nodes if op == "MaxPool"]
+    assert [(name, op) for name, op, _ in pools] == [("the_pool", "MaxPool")]
+    assert "p_idx" in pools[0][2] and "cast_idx" in pools[0][2]
+
+
+def test_maxpool_indices_feeding_the_graph_is_refused_by_the_cli(tmp_path):
+    import subprocess
+    import sys
+    src = tmp_path / "indices.onnx"
+    onnx.save(_indices_feed_model(), src)
+    proc = subprocess.run([sys.executable, "-m", "dconnx", "convert", str(src), "-o", str(tmp_path / "out.onnx")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "the_pool" in proc.stderr and "MaxPool" in proc.stderr and "Indices" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _renamed_batch_model():
+    """Two Conv → Relu branches, one through a Reshape to [-1, 8, 16, 16], summed by an Add →
+    GlobalAveragePool → Flatten → Gemm (9 nodes). Shape inference names the batch axis behind
+    the Reshape anew ('unk__0'), so the Add's operands are ['N', 8, 16, 16] and
+    ['unk__0', 8, 16, 16]: the same shape."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3, "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 4, 3, 3)).astype(np.float32) * 0.3, "w2"),
+             numpy_helper.from_array(np.asarray([-1, 8, 16, 16], np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a"], name="relu1"),
+             helper.make_node("Conv", ["input", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1],
+                              strides=[1, 2]),
+             helper.make_node("Relu", ["c2"], ["b"], name="relu2"),
+             helper.make_node("Reshape", ["b", "shape"], ["b8"], name="reshape"),
+             helper.make_node("Add", ["a", "b8"], ["s"], name="residual"),
+             helper.make_node("GlobalAveragePool", ["s"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                    ["N", 4, 16, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6])],
+                          initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_same_shape_under_two_batch_names_converts_exactly():
+    """Residual ops compare only the dims that are known: a batch axis renamed by shape inference
+    is no broadcast (it was refused as 'broadcasting between data tensors')."""
+    model = _renamed_batch_model()
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in inferred.graph.value_info}
+    assert dims["a"][1:] == dims["b8"][1:] and dims["a"][0] != dims["b8"][0]   # the case at hand
+    conv = dconnx.convert(model, methods="splitgrad,gradient")
+    x = np.random.default_rng(6).standard_normal((3, 4, 16, 16)).astype(np.float32)
+    plain = helper.make_model(model.graph, opset_imports=model.opset_import, ir_version=8)
+    logits = session(plain).run(None, {"input": x})[0]
+    out = run(conv, x, target=np.array([0, 3, 5]), alpha=0.5)
+    f = out["g"] - out["h"]
+    assert np.abs(f - logits).max() <= 1e-5 * max(1.0, np.abs(logits).max())
+    assert rel_err(out["splitgrad"], 0.5 * out["gradient"]) < 1e-5     # α = 0.5: half the gradient
+
+
+def test_data_operands_of_different_known_shapes_are_still_refused():
+    model = _renamed_batch_model()
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.asarray([-1, 8, 16, 1], np.int64), "shape"))
+    with pytest.raises(dconnx.UnsupportedOpError, match="broadcasting between data tensors") as err:
+        dconnx.convert(model, methods="splitgrad")
+    assert [name for name, _, _ in err.value.nodes] == ["residual"]

@@ -160,6 +160,22 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+        from .serve import ServeConfig
+        from .serve.page import view
+    except ImportError as e:
+        raise OptionError(f"dconnx view needs the serving extra ({e.name} is missing): "
+                          "pip install 'dconnx[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise OptionError(f"--port {args.port} is not a port number (0..65535; 0 = any free port)")
+    view(args.model, "127.0.0.1", args.port, ServeConfig(threads=args.threads, log_level=args.log_level),
+         open_browser=not args.no_browser)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .io import load_header
     m = load_header(args.model)
@@ -207,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", type=float, default=None, help="overlay strength 0..1: the heatmap's weight "
                    "where it is largest (default 0.65)")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("view", help="open the explanation page of a converted model in the browser",
+                       description="Serve a converted model on 127.0.0.1 and open its explanation page in "
+                                   "the browser: pick or drop an image, choose the class, move alpha and "
+                                   "compare the methods (needs dconnx[serve]).")
+    p.add_argument("model", help="a converted .onnx file")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
+    p.add_argument("--no-browser", action="store_true", help="only print the page's URL")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default warning)")
+    p.set_defaults(func=cmd_view)
     p = sub.add_parser("info", help="show how a converted model was made",
                        description="Print the metadata dconnx convert recorded in a converted model.")
     p.add_argument("model", help="a converted .onnx file")

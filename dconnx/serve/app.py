@@ -222,6 +222,10 @@ class Service:
         alpha = req.alpha if req.alpha is not None else self.ex.options.get("alpha_default")
         res = {"model": self.name, "n": req.n, "target": target.tolist(), "alpha": alpha,
                "logits": scores.tolist()}
+        if "g" in out and "h" in out:     # the DC streams of the explained class: f = g - h
+            rows = np.arange(req.n)
+            res.update({k: np.asarray(out[k]).reshape(req.n, -1)[rows, target].tolist() for k in ("g", "h")},
+                       f=scores[rows, target].tolist())
         if req.format in ("array", "both"):
             res["maps"] = {m: codec.encode_array(out[m]) for m in req.methods}
         if req.format in ("png", "both"):
@@ -347,6 +351,8 @@ def create_app(model, config: ServeConfig) -> FastAPI:
     async def too_large(request, exc):
         return error_response(413, str(exc), "BodyTooLarge")
 
+    from .page import add_page     # GET /: the explanation page (dconnx view)
+    add_page(app, service)
     return Guard(app, config, metrics)
 
 

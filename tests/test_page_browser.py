@@ -1,0 +1,417 @@
+"""The explanation page (`dconnx serve` at `/`, `dconnx view`) in a real browser: headless Chromium
+driven by selenium against a live server on 127.0.0.1.
+
+The page keeps what it last received in `window.dconnxLast` (raw map values, g, h, f); the tests
+compare it with `Explainer.maps` for the same image, class and alpha, and the pixels it draws with
+`dconnx.viz.overlay`. Without chromium and chromedriver the tests fail and say how to install them.
+Screenshots go under pytest's tmp dir and, when DCONNX_ARTIFACTS is set, into that folder.
+"""
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dconnx
+from dconnx.images import ImageInput
+from dconnx.runtime import Explainer
+from dconnx.serve.page import EXAMPLES, example_images
+from dconnx.viz import MapStyle, overlay
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "models" / "fixture_cnn.onnx"
+METHODS = "splitgrad,splitcam,splitlrp"
+LAYER = "10"      # the 48x16x16 feature map entering the third MaxPool (as `make demo`)
+CHROMIUM = os.environ.get("DCONNX_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("DCONNX_CHROMEDRIVER", "/usr/bin/chromedriver")
+HOW_TO_INSTALL = ("install them with `sudo apt-get install -y chromium chromium-driver` (Debian/Ubuntu; "
+                  ".ci/run does this) or point DCONNX_CHROMIUM / DCONNX_CHROMEDRIVER at a Chromium and its "
+                  "chromedriver")
+WINDOW = (1200, 720)
+
+
+def _require_browser() -> None:
+    """Fail (never skip) when the browser or its driver is missing, saying how to install them."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        pytest.fail(f"the browser tests need {' and '.join(missing)}: {HOW_TO_INSTALL}", pytrace=False)
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.fail("the browser tests need selenium: pip install -e '.[test]'", pytrace=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"no answer from {url} in {timeout_s} s:\n{log.read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dconnx", "serve", str(model), "--host", "127.0.0.1",
+                                 "--port", str(port), "--log-level", "warning"], stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", proc, log)
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def make_driver(downloads: Path | None = None):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1",
+                "--force-color-profile=srgb"):
+        opts.add_argument(arg)
+    if downloads is not None:
+        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                               "download.prompt_for_download": False})
+    return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+
+
+def wait_js(driver, condition: str, timeout_s: float = 15.0):
+    """Poll a JS expression until it is truthy; its value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = driver.execute_script(f"return ({condition});")
+        if value:
+            return value
+        time.sleep(0.02)
+    errors = driver.execute_script("return window.dconnxErrors")
+    raise AssertionError(f"timed out waiting for {condition}; errors shown on the page: {errors}")
+
+
+def save_screenshot(driver, path: Path) -> Path:
+    driver.save_screenshot(str(path))
+    extra = os.environ.get("DCONNX_ARTIFACTS")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(extra) / path.name)
+    return path
+
+
+def page_maps(driver) -> dict:
+    return driver.execute_script(
+        "const L = window.dconnxLast, out = {};"
+        "for (const [m, v] of Object.entries(L.maps)) out[m] = {shape: v.shape, data: Array.from(v.data)};"
+        "return out;")
+
+
+def canvas_pixels(driver, method: str) -> np.ndarray:
+    """The RGB pixels of a method's overlay canvas, [H, W, 3] uint8."""
+    got = driver.execute_script(
+        "const c = document.querySelector(`figure[data-method='${arguments[0]}'] canvas.overlay`);"
+        "return {h: c.height, w: c.width,"
+        " data: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)};", method)
+    return np.asarray(got["data"], dtype=np.uint8).reshape(got["h"], got["w"], 4)[..., :3]
+
+
+# -- fixtures ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("page") / "fixture.dc.onnx"
+    dconnx.convert(FIXTURE, out, methods=METHODS, layer=LAYER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ex(converted) -> Explainer:
+    return Explainer(converted)     # the providers the server picks too: the same numbers
+
+
+@pytest.fixture(scope="module")
+def server(converted, tmp_path_factory):
+    _require_browser()
+    proc, url = start_server(converted, tmp_path_factory.mktemp("page-log") / "serve.log")
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(server, downloads):
+    driver = make_driver(downloads)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def page(browser, server):
+    browser.get(server + "/")
+    wait_js(browser, "window.dconnxReady")
+    return browser
+
+
+def upload(driver, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    before = driver.execute_script("return window.dconnxUpdates + window.dconnxErrors.length")
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    wait_js(driver, f"window.dconnxUpdates + window.dconnxErrors.length > {before}")
+
+
+def assert_maps_equal(got: dict, want, label: str) -> None:
+    assert sorted(got) == sorted(want), label
+    for m, v in got.items():
+        ref = np.asarray(want[m][0], dtype=np.float64)
+        arr = np.asarray(v["data"], dtype=np.float64).reshape(v["shape"])
+        assert arr.shape == ref.shape, (label, m)
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        np.testing.assert_allclose(arr, ref, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{label}: {m}")
+
+
+# -- tests ------------------------------------------------------------------------
+def test_examples_are_the_generated_ones():
+    """The shipped example images are what `write_examples` draws (python -m dconnx.serve.page)."""
+    from PIL import Image
+    images = example_images()
+    assert sorted(p.name for p in EXAMPLES.glob("*.png")) == sorted(images)
+    for name, rgb in images.items():
+        shipped = np.asarray(Image.open(EXAMPLES / name).convert("RGB"))
+        np.testing.assert_array_equal(shipped, rgb, err_msg=name)
+
+
+def test_page_maps_equal_explainer_and_follow_alpha_and_class(page, ex, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    # everything the page loads comes from the server itself (no CDN, no network)
+    origins = page.execute_script(
+        "return Array.from(document.querySelectorAll('script[src], link[href], img[src]'))"
+        ".map(e => e.src || e.href)")
+    assert origins and all(u.startswith(page.current_url.rstrip("/")) or u.startswith("data:") for u in origins), \
+        origins
+    # every control has an accessible name
+    unnamed = page.execute_script(
+        "return Array.from(document.querySelectorAll('input, button, [tabindex]')).filter(e =>"
+        " !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-describedby')"
+        " && !e.textContent.trim() && !(e.querySelector('img[alt]'))).map(e => e.outerHTML)")
+    assert not unnamed, unnamed
+
+    image = EXAMPLES / "checker.png"
+    upload(page, image)
+    assert page.execute_script("return window.dconnxErrors") == []
+    images = ImageInput.from_explainer(ex)
+    x, rgb = images.load(image.read_bytes())
+    alpha0 = ex.options["alpha_default"]
+    last = page.execute_script("return {target: window.dconnxLast.target, alpha: window.dconnxLast.alpha,"
+                               " f: window.dconnxLast.f, g: window.dconnxLast.g, h: window.dconnxLast.h,"
+                               " ms: window.dconnxLast.ms, logits: window.dconnxLast.logits}")
+    want = ex.maps(x[None], target=None, alpha=alpha0)
+    assert last["target"] == int(want.target[0]) == 2        # the checker is recognized
+    assert last["alpha"] == pytest.approx(alpha0)
+    assert_maps_equal(page_maps(page), want, "argmax class, default alpha")
+    out = ex(x[None], alpha=alpha0)
+    t = last["target"]
+    np.testing.assert_allclose([last["g"], last["h"], last["f"]],
+                               [out["g"][0, t], out["h"][0, t], out["logits"][0, t]], rtol=1e-6, atol=1e-6)
+    assert last["g"] - last["h"] == pytest.approx(last["f"], abs=1e-4)
+    shown = page.find_element(By.ID, "streams").text
+    assert f"{last['f']:.3g}".lstrip("-") in shown and "g" in shown and "h" in shown
+    # top classes: all four classes, by logit, the explained one pressed, with names
+    buttons = page.find_elements(By.CSS_SELECTOR, "#classes button")
+    order = [int(b.get_attribute("data-cls")) for b in buttons]
+    assert order == list(np.argsort(-np.asarray(last["logits"]))[:5])
+    assert buttons[0].get_attribute("aria-pressed") == "true" and "checker" in buttons[0].text
+
+    # the overlay pixels are dconnx.viz.overlay's, with the method's own colormap and range
+    maps_now = page_maps(page)
+    for m in ("splitgrad", "splitcam"):
+        heat = np.asarray(maps_now[m]["data"], np.float32).reshape(maps_now[m]["shape"])
+        ref = overlay(rgb, heat, 0.65, MapStyle.of(m, heat, warn=False))
+        diff = np.abs(canvas_pixels(page, m).astype(int) - ref.astype(int))
+        assert diff.max() <= 1, (m, diff.max())
+
+    # alpha by keyboard: five arrow presses, debounced into one request
+    requests = page.execute_script("return window.dconnxRequests")
+    updates = page.execute_script("return window.dconnxUpdates")
+    slider = page.find_element(By.ID, "alpha")
+    slider.send_keys(Keys.ARROW_LEFT * 5)
+    wait_js(page, f"window.dconnxUpdates > {updates}")
+    time.sleep(0.3)      # a second (late) request would have been sent by now
+    assert page.execute_script("return window.dconnxRequests") == requests + 1
+    alpha1 = page.execute_script("return window.dconnxLast.alpha")
+    assert alpha1 == pytest.approx(alpha0 - 0.05)
+    want1 = ex.maps(x[None], target=None, alpha=alpha1)
+    assert_maps_equal(page_maps(page), want1, f"alpha {alpha1}")
+    assert not np.allclose(want1["splitgrad"], want["splitgrad"])    # alpha reaches the maps here
+    ms = page.execute_script("return window.dconnxLast.ms")
+    assert ms < 1500, f"one alpha update took {ms} ms"
+    # a drag: five changes 20 ms apart, inside the debounce window, make one request
+    requests = page.execute_script("return window.dconnxRequests")
+    updates = page.execute_script("return window.dconnxUpdates")
+    page.execute_async_script(
+        "const done = arguments[arguments.length - 1], s = document.getElementById('alpha');"
+        "let v = 0.2;"
+        "const step = () => { s.value = String(v); s.dispatchEvent(new Event('input'));"
+        " v += 0.01; if (v < 0.245) setTimeout(step, 20); else done(); };"
+        "step();")
+    wait_js(page, f"window.dconnxUpdates > {updates}")
+    time.sleep(0.3)
+    assert page.execute_script("return window.dconnxRequests") == requests + 1
+    alpha1 = page.execute_script("return window.dconnxLast.alpha")
+    assert alpha1 == pytest.approx(0.24)
+    assert_maps_equal(page_maps(page), ex.maps(x[None], target=None, alpha=alpha1), f"alpha {alpha1}")
+
+    # another class, chosen with the keyboard
+    ring = page.find_element(By.CSS_SELECTOR, "#classes button[data-cls='1']")
+    updates = page.execute_script("return window.dconnxUpdates")
+    ring.send_keys(Keys.ENTER)
+    wait_js(page, f"window.dconnxUpdates > {updates}")
+    assert page.execute_script("return window.dconnxLast.target") == 1
+    assert_maps_equal(page_maps(page), ex.maps(x[None], target=1, alpha=alpha1), "class 1")
+    assert page.find_element(By.CSS_SELECTOR, "#classes button[aria-pressed='true']").get_attribute(
+        "data-cls") == "1"
+
+    # the overlay strength redraws locally, without a request
+    requests = page.execute_script("return window.dconnxRequests")
+    page.execute_script("const s = document.getElementById('strength'); s.value = '0.3';"
+                        "s.dispatchEvent(new Event('input'));")
+    time.sleep(0.2)
+    assert page.execute_script("return window.dconnxRequests") == requests
+    heat = np.asarray(page_maps(page)["splitcam"]["data"], np.float32).reshape(64, 64)
+    ref = overlay(rgb, heat, 0.3, MapStyle.of("splitcam", heat, warn=False))
+    assert np.abs(canvas_pixels(page, "splitcam").astype(int) - ref.astype(int)).max() <= 1
+    shot = save_screenshot(page, tmp_path / "page_explained.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_page_shows_server_error_for_a_bad_file(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is a text file, not an image\n")
+    upload(page, bad)
+    box = page.find_element(By.ID, "error")
+    assert box.get_attribute("role") == "alert" and box.is_displayed()
+    assert "server error 400" in box.text and "not an image file" in box.text, box.text
+    save_screenshot(page, tmp_path / "page_error.png")
+    # a good image afterwards clears the error
+    upload(page, EXAMPLES / "ring.png")
+    assert not box.is_displayed() and page.execute_script("return window.dconnxLast.target") == 1
+
+
+def test_page_downloads_panel_png_and_raw_maps(page, ex, downloads):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from dconnx.viz import panel
+    upload(page, EXAMPLES / "cross.png")
+    page.find_element(By.ID, "download-maps").click()
+    page.find_element(By.ID, "download-panel").click()
+    deadline = time.monotonic() + 15
+    names = {"cross.maps.json", "cross.panel.png"}
+    while time.monotonic() < deadline and not all((downloads / n).is_file() for n in names):
+        time.sleep(0.05)
+    assert all((downloads / n).is_file() for n in names), sorted(p.name for p in downloads.iterdir())
+    doc = json.loads((downloads / "cross.maps.json").read_text())
+    x, rgb = ImageInput.from_explainer(ex).load((EXAMPLES / "cross.png").read_bytes())
+    want = ex.maps(x[None], alpha=doc["alpha"])
+    assert doc["target"] == int(want.target[0]) == 0 and doc["class_name"] == "cross"
+    assert_maps_equal({m: {"shape": v["shape"], "data": v["values"]} for m, v in doc["maps"].items()}, want,
+                      "downloaded maps")
+    got = np.asarray(Image.open(downloads / "cross.panel.png").convert("RGB"))
+    maps = {m: want[m][0] for m in ex.methods}
+    title = f"class 0 'cross', logit {float(want.logits[0, 0]):.3g}, alpha {doc['alpha']:g}"
+    ref = panel(rgb, maps, title, strength=0.65)
+    assert got.shape == ref.shape
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_view_opens_the_page_in_the_browser(converted, tmp_path):
+    """`dconnx view` prints the URL and hands it to the browser ($BROWSER, as `webbrowser` reads it)."""
+    opened = tmp_path / "opened.txt"
+    script = tmp_path / "browser.sh"
+    script.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    script.chmod(0o755)
+    port = free_port()
+    log = tmp_path / "view.log"
+    env = dict(os.environ, BROWSER=str(script), DISPLAY="")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dconnx", "view", str(converted), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not opened.is_file():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert opened.read_text().strip() == url
+        assert url in log.read_text()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert b"/static/page.js" in r.read()
+    finally:
+        stop(proc)
+    bad = subprocess.run([sys.executable, "-m", "dconnx", "view", str(tmp_path / "missing.onnx"), "--no-browser"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "dconnx: error:" in bad.stderr
+
+
+def take_docs_screenshot(out: Path) -> Path:
+    """The README's screenshot: the fixture with three methods, the checker example explained."""
+    from selenium.webdriver.common.by import By
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        model = dconnx.convert(FIXTURE, Path(tmp) / "fixture_cnn.dc.onnx", methods=METHODS, layer=LAYER).path
+        proc, url = start_server(model, Path(tmp) / "serve.log")
+        driver = make_driver()
+        try:
+            driver.get(url + "/")
+            wait_js(driver, "window.dconnxReady")
+            driver.find_element(By.CSS_SELECTOR, "#examples button[data-example='checker.png']").click()
+            wait_js(driver, "window.dconnxUpdates > 0")
+            png = driver.get_screenshot_as_png()
+        finally:
+            driver.quit()
+            stop(proc)
+    from PIL import Image
+    im = Image.open(io.BytesIO(png)).convert("RGB")
+    im = im.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    im.save(out, format="PNG", optimize=True)
+    return out
+
+
+if __name__ == "__main__":      # python tests/test_page_browser.py docs/images/view_page.png
+    print(take_docs_screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images/view_page.png")))

@@ -95,13 +95,13 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def make_driver(downloads: Path | None = None):
+def make_driver(downloads: Path | None = None, window: tuple = WINDOW):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1",
+                f"--window-size={window[0]},{window[1]}", "--force-device-scale-factor=1",
                 "--force-color-profile=srgb"):
         opts.add_argument(arg)
     if downloads is not None:
@@ -395,7 +395,7 @@ def take_docs_screenshot(out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         model = dconnx.convert(FIXTURE, Path(tmp) / "fixture_cnn.dc.onnx", methods=METHODS, layer=LAYER).path
         proc, url = start_server(model, Path(tmp) / "serve.log")
-        driver = make_driver()
+        driver = make_driver(window=(1200, 860))
         try:
             driver.get(url + "/")
             wait_js(driver, "window.dconnxReady")
@@ -407,7 +407,6 @@ def take_docs_screenshot(out: Path) -> Path:
             stop(proc)
     from PIL import Image
     im = Image.open(io.BytesIO(png)).convert("RGB")
-    im = im.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     im.save(out, format="PNG", optimize=True)
     return out

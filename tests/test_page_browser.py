@@ -333,6 +333,39 @@ def test_page_shows_server_error_for_a_bad_file(page, tmp_path):
     assert not box.is_displayed() and page.execute_script("return window.dconnxLast.target") == 1
 
 
+def test_page_keyboard_and_drop(page):
+    """Tab reaches every control in reading order; Enter on the drop zone opens the file chooser;
+    an image dropped onto it is explained."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    upload(page, EXAMPLES / "ring.png")          # so that the class buttons exist
+    page.execute_script("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0);")
+    from selenium.webdriver.common.action_chains import ActionChains
+    seen = []
+    for _ in range(20):
+        ActionChains(page).send_keys(Keys.TAB).perform()     # keys to the page, as a user presses them
+        el = page.switch_to.active_element
+        seen.append(el.get_attribute("id") or el.get_attribute("data-example") or
+                    f"class{el.get_attribute('data-cls')}")
+    want = ["drop", "file", "checker.png", "cross.png", "ring.png", "class1", "alpha", "strength",
+            "download-panel", "download-maps"]
+    positions = [seen.index(w) for w in want]
+    assert positions == sorted(positions), seen
+    page.execute_script("window.chooserOpened = 0;"
+                        "document.getElementById('file').click = () => { window.chooserOpened += 1; };")
+    page.find_element(By.ID, "drop").send_keys(Keys.ENTER)
+    page.find_element(By.ID, "drop").send_keys(" ")
+    assert page.execute_script("return window.chooserOpened") == 2
+    updates = page.execute_script("return window.dconnxUpdates")
+    page.execute_script(
+        "const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));"
+        "const dt = new DataTransfer(); dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));"
+        "document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true,"
+        " cancelable: true}));", __import__("base64").b64encode((EXAMPLES / "cross.png").read_bytes()).decode())
+    wait_js(page, f"window.dconnxUpdates > {updates}")
+    assert page.execute_script("return [window.dconnxLast.image, window.dconnxLast.target]") == ["dropped.png", 0]
+
+
 def test_page_downloads_panel_png_and_raw_maps(page, ex, downloads):
     from PIL import Image
     from selenium.webdriver.common.by import By
@@ -386,6 +419,12 @@ def test_view_opens_the_page_in_the_browser(converted, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dconnx", "view", str(tmp_path / "missing.onnx"), "--no-browser"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "dconnx: error:" in bad.stderr
+    with socket.socket() as taken:       # a port in use: exit 2 before loading the model
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "dconnx", "view", str(converted), "--no-browser", "--port",
+                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 2 and "cannot listen on" in busy.stderr, busy.stderr
 
 
 def take_docs_screenshot(out: Path) -> Path:

@@ -416,15 +416,17 @@ def test_view_opens_the_page_in_the_browser(converted, tmp_path):
             assert b"/static/page.js" in r.read()
     finally:
         stop(proc)
-    bad = subprocess.run([sys.executable, "-m", "dconnx", "view", str(tmp_path / "missing.onnx"), "--no-browser"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "dconnx: error:" in bad.stderr
+
+
+def test_view_refuses_a_missing_model_and_a_busy_port(converted, tmp_path, capsys):
+    from dconnx.cli import main
+    assert main(["view", str(tmp_path / "missing.onnx"), "--no-browser"]) == 2
+    assert "dconnx: error: no converted model" in capsys.readouterr().err
     with socket.socket() as taken:       # a port in use: exit 2 before loading the model
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = subprocess.run([sys.executable, "-m", "dconnx", "view", str(converted), "--no-browser", "--port",
-                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60)
-    assert busy.returncode == 2 and "cannot listen on" in busy.stderr, busy.stderr
+        assert main(["view", str(converted), "--no-browser", "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on" in capsys.readouterr().err
 
 
 def take_docs_screenshot(out: Path) -> Path:

@@ -396,7 +396,7 @@ def test_view_opens_the_page_in_the_browser(converted, tmp_path):
     """`dconnx view` prints the URL and hands it to the browser ($BROWSER, as `webbrowser` reads it)."""
     opened = tmp_path / "opened.txt"
     script = tmp_path / "browser.sh"
-    script.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    script.write_text(f"#!/bin/sh\necho \"$1\" > {opened}.part && mv {opened}.part {opened}\n")
     script.chmod(0o755)
     port = free_port()
     log = tmp_path / "view.log"

@@ -5,11 +5,27 @@
 Each pass states what it requires of its input, rewrites the shared
 `Compilation`, and returns a `PassResult` saying whether it changed anything,
 which rewrites applied and, with a reason, which did not. Its `ensures`
-(checked when `debug=True`, always in the tests) validates what it promises.
+validates what it promises; it runs when `debug=True` or when the environment
+variable DCONNX_DEBUG is set to anything but "" or "0" (the test suite sets it,
+so every conversion the tests make, in process or in a CLI subprocess, checks
+every pass's postcondition). A broken promise raises `ContractError`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+
+class ContractError(AssertionError):
+    """A pass did not deliver what its `ensures` promises (a compiler bug, not bad input)."""
+
+    def __init__(self, pass_name: str, what: str):
+        super().__init__(f"{pass_name} pass broke its contract: {what}")
+        self.pass_name = pass_name
+
+
+def contracts_enabled(debug: bool = False) -> bool:
+    return bool(debug) or os.environ.get("DCONNX_DEBUG", "") not in ("", "0")
 
 
 @dataclass
@@ -39,11 +55,14 @@ class Pass:
         raise NotImplementedError
 
     def ensures(self, comp) -> None:
-        """Raise if the pass did not deliver what it promises."""
+        """Raise (self.broken) if the pass did not deliver what it promises."""
+
+    def broken(self, what: str) -> ContractError:
+        return ContractError(self.name, what)
 
     def __call__(self, comp, debug: bool = False) -> PassResult:
         self.requires(comp)
         result = self.run(comp)
-        if debug:
+        if contracts_enabled(debug):
             self.ensures(comp)
         return result

@@ -119,6 +119,34 @@ class Backward(Pass):
             res.apply(f"rule set {rs.name}")
         return res
 
+    def ensures(self, comp):
+        """Every sensitivity a head, an exposed or a collected layer needs exists: one part per
+        the rule set's parts, each a tensor some node produces (its rank is checked on the
+        final graph by optimize)."""
+        if not comp.rulesets:
+            return
+        produced = {o for n in comp.b.nodes for o in n.output} | set(comp.view.data_tensors) | \
+            {t.name for t in comp.b.initializers}
+        wanted = [(_ruleset_of(h.method), h.tensor) for h in comp.heads]
+        wanted += [("split", t) for t in comp.exposed_tensors()]
+        wanted += [(_ruleset_of(h.method), t) for _, t in comp.collected() for h in comp.heads]
+        for rs_name, t in wanted:
+            ct = comp.cotangents.get((rs_name, t))
+            if ct is None:
+                raise self.broken(f"no {rs_name} sensitivity at '{t}'")
+            rs = comp.rulesets[rs_name]
+            if not isinstance(ct, tuple) or len(ct) != rs.parts:
+                raise self.broken(f"the {rs_name} sensitivity at '{t}' is {ct!r}, not {rs.parts} parts")
+            for part in ct:
+                if part is not None and part not in produced:
+                    raise self.broken(f"the {rs_name} sensitivity at '{t}' names '{part}', which no "
+                                      "node produces")
+
+
+def _ruleset_of(method: str) -> str:
+    from dconnx.methods import METHODS
+    return METHODS[method].ruleset
+
 
 def shift_points_above(comp, tensor: str, start: str | None = None) -> list[str]:
     """The α-shift points the backward walk crosses between `start` (default: the explained

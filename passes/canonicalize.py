@@ -15,8 +15,8 @@ from dconnx.errors import InvalidModelError, UnsupportedOpError
 from dconnx.graph import ModelView
 from dconnx.io import MAX_OPSET, MIN_OPSET, infer_shapes
 from dconnx.ir import attrs, node_label
-from dconnx.ops import (ABSORBS_BATCHNORM, AUTO_PAD_OPS, EXPLAINS_INPUT, NONDETERMINISTIC, SUPPORTED,
-                        WINDOW_POOLS, rewritten_by)
+from dconnx.ops import (ABSORBS_BATCHNORM, AUTO_PAD_OPS, EXPLAINS_INPUT, NONDETERMINISTIC,
+                        SUPPORTED, WINDOW_POOLS, rewritten_by)
 
 from . import Pass, PassResult
 
@@ -144,10 +144,23 @@ class Canonicalize(Pass):
         return res
 
     def ensures(self, comp):
+        """Only canonical ops compute float tensors from data (a Softmax kept for the output
+        aside; integer arithmetic on a data tensor's Shape, e.g. the sizes of a Resize, is never
+        split), and every such tensor has a static shape but for the batch axis."""
+        view = comp.view
         for node in comp.model.graph.node:
-            if any(i in comp.view.data_tensors for i in node.input) and node.op_type not in SUPPORTED \
-                    and node.op_type not in EXPLAINS_INPUT:
-                raise AssertionError(f"{node_label(node)} ({node.op_type}) survived canonicalization")
+            if not any(i in view.data_tensors for i in node.input):
+                continue
+            outs = [o for o in node.output if o and o in view.data_tensors and view.is_float(o)]
+            if not outs:
+                continue
+            if node.op_type not in SUPPORTED and node.op_type not in EXPLAINS_INPUT:
+                raise self.broken(f"{node_label(node)} ({node.op_type}) survived canonicalization")
+            for o in outs:
+                shape = view.shape(o)
+                if shape is None or any(not isinstance(d, int) for d in shape[1:]):
+                    raise self.broken(f"{node_label(node)}: output '{o}' has shape {shape}, not static "
+                                      "but for the batch axis")
 
     # -- rewrites ----------------------------------------------------------
     def constants_to_initializers(self, ed: _Graph, res: PassResult):

@@ -76,6 +76,24 @@ class Heads(Pass):
                                                                            comp.view.shape(t)))
         return res
 
+    def ensures(self, comp):
+        """Every requested map is an output of its declared shape ([batch, *spatial]), produced
+        by a node; so is every exposed or collected tensor."""
+        produced = {o for n in comp.b.nodes for o in n.output}
+        declared = {vi.name: vi for vi in comp.new_outputs}
+        n_spatial = len(comp.spatial_shape(comp.input_name))
+        for head in comp.heads:
+            vi = declared.get(head.output)
+            if not head.output or vi is None:
+                raise self.broken(f"no output for {head.method} at {head.layer}")
+            rank = len(vi.type.tensor_type.shape.dim)
+            if rank != 1 + n_spatial:
+                raise self.broken(f"output '{head.output}' is declared with rank {rank}, not "
+                                  f"{1 + n_spatial} ([batch, *spatial])")
+        for name in declared:
+            if name not in produced:
+                raise self.broken(f"output '{name}' is produced by no node")
+
     def channel_map(self, comp, head: Head) -> str:
         method = METHODS[head.method]
         rs = comp.rulesets[method.ruleset]

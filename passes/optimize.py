@@ -13,7 +13,7 @@ import onnx
 
 from dconnx.io import MAX_IR_VERSION, validate
 
-from . import Pass, PassResult
+from . import Pass, PassResult, contracts_enabled
 
 MIN_IR_FOR_OPSET17 = 8
 
@@ -107,8 +107,53 @@ class Optimize(Pass):
             from dconnx.precision import cast_model
             model = cast_model(model, onnx.TensorProto.FLOAT16, keep_io=True)
             res.apply("precision: the graph computes in float16; inputs and outputs stay float32")
+        self._declared = _shapes(model.graph.output) if contracts_enabled() else None
         if comp.opts.check:
             validate(model)
+            if self._declared is not None:
+                self._inferred = _shapes(list(model.graph.value_info) + list(model.graph.output))
         del model.graph.value_info[:]     # onnxruntime infers them; the file stays small
         comp.result = model
         return res
+
+    def ensures(self, comp):
+        """The result passes the full checker and strict shape inference (once: the run's own
+        when check=True); every output keeps its declared rank and known dims; every
+        sensitivity left in the graph has its layer's rank."""
+        model = comp.result
+        if model is None:
+            raise self.broken("no result model")
+        declared = getattr(self, "_declared", None) or _shapes(model.graph.output)
+        inferred = getattr(self, "_inferred", None)
+        if inferred is None:
+            try:
+                validate(model)
+            except Exception as e:
+                raise self.broken(f"the result fails the checker or strict shape inference: {e}") from e
+            inferred = _shapes(list(model.graph.value_info) + list(model.graph.output))
+            del model.graph.value_info[:]
+        for name, dims in declared.items():
+            got = inferred.get(name)
+            if got is None:
+                raise self.broken(f"output '{name}' has no inferred shape")
+            if len(got) != len(dims) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                             for a, b in zip(dims, got)):
+                raise self.broken(f"output '{name}' is declared {dims} but computes {got}")
+        for (rs_name, t), ct in comp.cotangents.items():
+            rank = comp.view.rank(t)
+            for part in ct if isinstance(ct, tuple) else (ct,):
+                got = inferred.get(part) if part else None
+                if got is not None and rank is not None and len(got) != rank:
+                    raise self.broken(f"the {rs_name} sensitivity '{part}' at '{t}' has rank {len(got)}, "
+                                      f"not {rank}")
+
+
+def _shapes(value_infos) -> dict:
+    """name -> dims (int, or the symbol's name) of typed tensors with a shape."""
+    out = {}
+    for vi in value_infos:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                            for d in tt.shape.dim]
+    return out

@@ -98,3 +98,18 @@ class Preflight(Pass):
             raise UnsupportedOpError(problems)
         res.notes.append(f"{len(comp.model.graph.node)} nodes checked")
         return res
+
+    def ensures(self, comp):
+        """Nothing unsupported is left: every node computing a float tensor from data has rules
+        or is rewritten by canonicalization (or reads only its input's shape)."""
+        view = comp.view
+        for node in comp.model.graph.node:
+            if not any(i and view.is_data(i) for i in node.input):
+                continue
+            if not any(o and o in view.data_tensors and view.is_float(o) for o in node.output):
+                continue
+            spec = SPECS.get(node.op_type)
+            if node.op_type in METADATA_ONLY:
+                continue
+            if spec is None or spec.refused is not None or not (spec.supported or spec.becomes):
+                raise self.broken(f"{node_label(node)} ({node.op_type}) passed preflight but has no rule")

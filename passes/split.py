@@ -152,3 +152,24 @@ class Split(Pass):
         res.notes.append(f"explaining '{comp.explained}'; output layer(s): "
                          f"{', '.join(sorted(comp.output_layers)) or 'none'}")
         return res
+
+    def ensures(self, comp):
+        """Every float data tensor the explained output depends on has its two streams, and the
+        model gains the outputs g and h."""
+        view = comp.view
+        produced = {o for n in comp.b.nodes for o in n.output} | {i.name for i in comp.model.graph.input}
+        needed = [comp.input_name] + [o for node in comp.model.graph.node
+                                      if node_key(node) in comp.needed_nodes
+                                      and any(i and view.is_data(i) for i in node.input)
+                                      for o in node.output
+                                      if o and o in view.data_tensors and view.is_float(o)]
+        for t in needed:
+            sp = comp.streams.get(t)
+            if sp is None:
+                raise self.broken(f"no streams for the data tensor '{t}'")
+            for part in (sp.p, sp.n):
+                if not part or (part not in produced and part not in view.data_tensors):
+                    raise self.broken(f"stream '{part}' of '{t}' is produced by no node")
+        names = [vi.name for vi in comp.new_outputs]
+        if not {"g", "h"} <= set(names):
+            raise self.broken(f"the outputs g and h are missing (new outputs: {names})")

@@ -1,6 +1,10 @@
 import os
 import sys
 
+# Every conversion the tests make checks every pass's postcondition (passes/__init__.py); the
+# variable reaches the CLI runs in subprocesses too.
+os.environ.setdefault("DCONNX_DEBUG", "1")
+
 # The torchvision workaround must run before any test module imports zennit or torchvision.
 sys.path.insert(0, os.path.dirname(__file__))
 import torchvision_ops  # noqa: E402,F401

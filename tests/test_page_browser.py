@@ -392,8 +392,12 @@ def test_page_downloads_panel_png_and_raw_maps(page, ex, downloads):
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
 
 
-def test_view_opens_the_page_in_the_browser(converted, tmp_path):
-    """`dconnx view` prints the URL and hands it to the browser ($BROWSER, as `webbrowser` reads it)."""
+def test_view_opens_the_page_in_the_browser(browser, tmp_path):
+    """`dconnx view` prints the URL and hands it to the browser ($BROWSER, as `webbrowser` reads it).
+    Its model keeps the maps at the layer's 16x16 (--no-upsample): the page resizes them to the
+    picture as `dconnx explain` does."""
+    converted = dconnx.convert(FIXTURE, tmp_path / "small_maps.dc.onnx", methods="splitgrad,splitcam",
+                               layer=LAYER, upsample=False).path
     opened = tmp_path / "opened.txt"
     script = tmp_path / "browser.sh"
     script.write_text(f"#!/bin/sh\necho \"$1\" > {opened}.part && mv {opened}.part {opened}\n")
@@ -414,6 +418,17 @@ def test_view_opens_the_page_in_the_browser(converted, tmp_path):
         assert url in log.read_text()
         with urllib.request.urlopen(url, timeout=5) as r:
             assert b"/static/page.js" in r.read()
+        browser.get(url)
+        wait_js(browser, "window.dconnxReady")
+        upload(browser, EXAMPLES / "cross.png")
+        _, rgb = ImageInput.from_explainer(Explainer(converted)).load((EXAMPLES / "cross.png").read_bytes())
+        maps = page_maps(browser)
+        for m in ("splitgrad", "splitcam"):
+            heat = np.asarray(maps[m]["data"], np.float32).reshape(maps[m]["shape"])
+            assert heat.shape == (16, 16)
+            ref = overlay(rgb, heat, 0.65, MapStyle.of(m, heat, warn=False))    # bilinear to 64x64 inside
+            diff = np.abs(canvas_pixels(browser, m).astype(int) - ref.astype(int))
+            assert diff.max() <= 1, (m, diff.max())
     finally:
         stop(proc)
 

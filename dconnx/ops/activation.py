@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import attrs
-from . import OpSpec, canonical_rewrite, op_spec
+from .registry import OpSpec, canonical_rewrite, op_spec
 from .base import set_streams
 from .checks import all_of, constant_parameters, last_op_only, one_data_operand
 

@@ -19,7 +19,7 @@ import onnx
 
 from ..compilation import Compilation, StreamPair
 from ..ir import attrs
-from . import OpSpec, op_spec
+from .registry import OpSpec, op_spec
 
 NONNEG_VARIANTS = ("W", "abs", "pos")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..compilation import StreamPair
-from . import OpSpec, canonical_rewrite, op_spec
+from .registry import OpSpec, canonical_rewrite, op_spec
 from .base import LinearMap, data_inputs, deflinear, set_streams, split_linear, weight_variant
 from .checks import all_of, constant_broadcasts_to_data, one_data_operand, same_shape_data
 

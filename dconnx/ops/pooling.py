@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from ..ir import attrs, node_label
-from . import OpSpec, op_spec
+from .registry import OpSpec, op_spec
 from .base import LinearMap, deflinear, set_streams
 from .checks import reduce_axes_not_batch
 

@@ -6,7 +6,7 @@ here and declare its spec in its family module.
 """
 from __future__ import annotations
 
-from . import refuse
+from .registry import refuse
 
 _SMOOTH = "smooth nonlinearity: no exact DC split with these rules (never approximated)"
 for _op in ("Sigmoid", "Tanh", "Softplus", "Elu", "Selu", "Celu", "Gelu"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import attrs
-from . import OpSpec, canonical_rewrite, op_spec
+from .registry import OpSpec, canonical_rewrite, op_spec
 from .base import LinearMap, deflinear, set_streams
 from .checks import not_along_batch
 from .elementwise import constant_streams

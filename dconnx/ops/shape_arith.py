@@ -5,7 +5,7 @@ refused unless a family module declares rules for them.
 """
 from __future__ import annotations
 
-from . import SPECS, facts
+from .registry import SPECS, facts
 
 for _op in ("Gather", "Cast", "ConstantOfShape", "Range", "Equal", "Expand", "ReduceProd", "Min",
             "Neg", "Floor", "Ceil", "Abs", "Tile", "Not", "Greater", "Less", "GatherElements", "Size"):

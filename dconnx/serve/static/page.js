@@ -187,6 +187,10 @@
     state.fileName = name || "image";
     state.target = null;
     state.picture = null;
+    state.last = window.dconnxLast = null;      // nothing of the previous image stays on the page
+    for (const id of ["classes", "streams", "maps", "maps-for"]) $(id).replaceChildren();
+    $("download-panel").disabled = true;
+    $("download-maps").disabled = true;
     try {
       state.picture = await decodePicture(blob);
     } catch (e) {

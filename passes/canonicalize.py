@@ -109,11 +109,14 @@ class Canonicalize(Pass):
         model = comp.model
         if _opset(model) < MIN_OPSET:
             from onnx import version_converter
+            from dconnx.ops.resample import keep_legacy_resize_coordinates
             old = _opset(model)
+            before = model
             try:
                 model = version_converter.convert_version(model, MIN_OPSET)
             except Exception as e:
                 raise InvalidModelError(f"cannot upgrade opset {old} to {MIN_OPSET}: {e}") from e
+            keep_legacy_resize_coordinates(before, model, old)
             res.apply(f"upgrade_opset: {old} -> {MIN_OPSET}")
         ed = _Graph(model)
         self.constants_to_initializers(ed, res)
@@ -129,7 +132,7 @@ class Canonicalize(Pass):
         for rewrite in (self.remove_identity, self.strip_softmax, self.flatten_to_reshape,
                         self.reduce_mean_to_gap, self.div_to_mul, self.gemm_normalize,
                         self.matmul_add_to_gemm, self.fold_batchnorm, self.clip_to_relu,
-                        self.max_to_relu, self.leaky_to_relu, self.explicit_pads,
+                        self.max_to_relu, self.selection_to_relu, self.leaky_to_relu, self.explicit_pads,
                         self.row_major_maxpool):
             rewrite(ed, res)
             ed.refresh()
@@ -496,9 +499,24 @@ class Canonicalize(Pass):
         for node in ed.g.node:
             if node.op_type == "Max" and len(node.input) == 2:
                 data = [i for i in node.input if view.is_data(i)]
-                if len(data) == 1:
+                other = [i for i in node.input if i not in data]
+                const = view.const(other[0]) if len(data) == 1 else None
+                if const is not None and not np.any(const):
                     _rebuild(node, "Relu", data, {})
                     res.apply(f"max_to_relu: {node_label(node)}")
+
+    def selection_to_relu(self, ed: _Graph, res: PassResult):
+        """Max/Min of data tensors, Abs, Neg, Sum/Mean, GlobalMaxPool, ReduceMax/ReduceMin: the
+        exact rewrites of dconnx/ops/selection.py (into Relu, Add/Sub, affine ops and MaxPool)."""
+        from dconnx.ops.selection import rewrite_node
+        ops = rewritten_by("selection_to_relu")
+        for node in list(ed.g.node):
+            if node.op_type not in ops or not any(ed.view.is_data(i) for i in node.input if i):
+                continue
+            new = rewrite_node(ed.view, node, ed.fresh, ed.add_init)
+            if new is not None:
+                _splice(ed, node, new)
+                res.apply(f"selection_to_relu: {node_label(node)} ({node.op_type})")
 
     def leaky_to_relu(self, ed: _Graph, res: PassResult):
         view = ed.view

@@ -52,7 +52,8 @@ class OpCase:
                     mod.running_var.uniform_(0.5, 2.0)
                     mod.weight.uniform_(-1.5, 1.5)
                     mod.bias.normal_(0, 0.5)
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and mod.bias is not None:
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)) \
+                    and mod.bias is not None:
                 with torch.no_grad():
                     mod.bias.normal_(0, 0.3)
         return m.eval()
@@ -127,6 +128,68 @@ CASES = [
     OpCase("split", lambda: Lambda(lambda s, x: (lambda parts: torch.cat([torch.relu(parts[1]), parts[0]], 1))(
         torch.split(x, [1, 2], dim=1))), ops=("Split", "Relu", "Concat")),
     OpCase("reshape", lambda: Lambda(lambda s, x: x.reshape(x.shape[0], -1, 2)), ops=("Reshape",)),
+]
+
+def _interp(**k):
+    return lambda: Lambda(lambda s, x: F.interpolate(x, **k))
+
+
+def _convt(*a, **k):
+    return lambda: nn.ConvTranspose2d(*a, **k)
+
+
+# resampling and transposed convolution (Resize / ConvTranspose)
+CASES += [
+    OpCase("upsample_nearest2", _interp(scale_factor=2, mode="nearest"), shape=(2, 3, 5, 4), ops=("Resize",)),
+    OpCase("upsample_nearest_size", _interp(size=(7, 11), mode="nearest"), shape=(2, 3, 5, 4),
+           ops=("Resize",)),
+    OpCase("upsample_bilinear", _interp(scale_factor=2, mode="bilinear"), shape=(2, 3, 5, 4),
+           ops=("Resize",)),
+    OpCase("upsample_bilinear_align", _interp(size=(9, 6), mode="bilinear", align_corners=True),
+           shape=(2, 3, 5, 4), ops=("Resize",)),
+    OpCase("downsample_bilinear", _interp(size=(3, 5), mode="bilinear"), shape=(2, 3, 8, 8), ops=("Resize",)),
+    OpCase("conv_upsample_relu", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(
+        scale_factor=2, mode="bilinear"), nn.ReLU()), shape=(2, 3, 4, 4), ops=("Conv", "Resize", "Relu")),
+    OpCase("convT2", _convt(3, 4, 2, stride=2), shape=(2, 3, 4, 4), ops=("ConvTranspose",)),
+    OpCase("convT3_pad_outpad", _convt(3, 4, 3, stride=2, padding=1, output_padding=1), shape=(2, 3, 4, 5),
+           ops=("ConvTranspose",)),
+    OpCase("convT_grouped_dilated", _convt(4, 6, 3, stride=3, padding=2, output_padding=2, groups=2,
+                                           dilation=2, bias=False), shape=(2, 4, 3, 4), ops=("ConvTranspose",)),
+    OpCase("convT_relu", lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=1, padding=1), nn.ReLU()),
+           shape=(2, 3, 4, 4), ops=("ConvTranspose", "Relu")),
+    OpCase("convT1d", lambda: nn.ConvTranspose1d(3, 2, 4, stride=2, padding=1), shape=(2, 3, 6),
+           ops=("ConvTranspose",)),
+]
+
+# max/min, abs, neg, global and spatial max (rewritten into Relu, Add/Sub, affine ops, MaxPool)
+CASES += [
+    OpCase("max_two_data", lambda: Lambda(lambda s, x: torch.maximum(s.c(x), x), c=nn.Conv2d(3, 3, 3, padding=1)),
+           ops=("Conv", "Sub", "Relu", "Add")),
+    OpCase("min_two_data", lambda: Lambda(lambda s, x: torch.minimum(x, s.c(x)), c=nn.Conv2d(3, 3, 1)),
+           ops=("Conv", "Sub", "Relu")),
+    OpCase("max_const", lambda: Lambda(lambda s, x: torch.maximum(x, s.c),
+                                       c=nn.Parameter(torch.tensor([0.3, -0.2, 0.0]).view(3, 1, 1))),
+           ops=("Sub", "Relu", "Add")),
+    OpCase("abs", lambda: Lambda(lambda s, x: torch.abs(s.c(x)), c=nn.Conv2d(3, 2, 3, padding=1)),
+           ops=("Conv", "Relu", "Mul", "Add")),
+    OpCase("neg", lambda: Lambda(lambda s, x: torch.relu(-s.c(x)), c=nn.Conv2d(3, 2, 1)), ops=("Mul", "Relu")),
+    OpCase("global_maxpool", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveMaxPool2d(1)),
+           ops=("Conv", "MaxPool"), pool=True),
+    OpCase("reduce_max_hw", lambda: Lambda(lambda s, x: s.c(x).amax((2, 3), keepdim=True),
+                                           c=nn.Conv2d(3, 4, 1)), ops=("MaxPool",), pool=True),
+    OpCase("reduce_max_w", lambda: Lambda(lambda s, x: x.amax(3)), ops=("MaxPool", "Reshape"), pool=True),
+    OpCase("reduce_min_h", lambda: Lambda(lambda s, x: torch.relu(x).amin(2, keepdim=True) - x.amin(2, keepdim=True)),
+           ops=("MaxPool", "Mul"), pool=True),
+]
+
+# AveragePool with ceil_mode partial windows (their own divisor)
+CASES += [
+    OpCase("avgpool_ceil_excl", lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False),
+           shape=(2, 3, 8, 8), ops=("AveragePool",)),
+    OpCase("avgpool_ceil_incl", lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=True),
+           shape=(2, 3, 8, 8), ops=("AveragePool",)),
+    OpCase("avgpool_ceil_nopad", lambda: nn.AvgPool2d(2, 2, ceil_mode=True), shape=(2, 3, 7, 5),
+           ops=("AveragePool",)),
 ]
 
 BY_NAME = {c.name: c for c in CASES}

@@ -27,20 +27,26 @@ class AvgNet(torch.nn.Module):
 
 @pytest.mark.parametrize("pads_attribute", [True, False])
 @pytest.mark.parametrize("count_include_pad", [False, True])
-def test_avgpool_ceil_mode_partial_windows_are_refused(count_include_pad, pads_attribute):
-    """ceil_mode=1 adds partial windows at the end (8 → 4, not 3): onnxruntime's divisor there
-    is not the one the backward would use, so it is refused — with explicit zero pads and
-    without a `pads` attribute at all (whose default is zero pads too)."""
+def test_avgpool_ceil_mode_partial_windows_are_exact(count_include_pad, pads_attribute):
+    """ceil_mode=1 adds partial windows at the end (8 → 4, not 3), each divided by its own count
+    (a constant per window): g − h is the model's output and the gradient torch's — with explicit
+    zero pads and without a `pads` attribute at all (whose default is zero pads too)."""
     net = AvgNet(True, count_include_pad, 8).eval()
-    model = export(net, torch.zeros(1, 2, 8, 8))
+    x = np.random.default_rng(0).standard_normal((2, 2, 8, 8)).astype(np.float32)
+    model = export(net, torch.tensor(x))
     pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
     assert not any(a.name == "pads" and any(a.ints) for a in pool.attribute)
     if not pads_attribute:
         for a in [a for a in pool.attribute if a.name == "pads"]:
             pool.attribute.remove(a)
-    with pytest.raises(dconnx.UnsupportedOpError, match="ceil_mode") as err:
-        dconnx.convert(model, methods="splitgrad")
-    assert any(name == pool.name or pool.name in name for name, _, _ in err.value.nodes)
+    conv = dconnx.convert(model, methods="gradient,splitgrad", share_forward=False)
+    target = np.array([1, 3])
+    out = run(conv, x, target=target, alpha=0.5)
+    f = net(torch.tensor(x)).detach().numpy()
+    assert rel_err(out["g"] - out["h"], f) < 1e-5
+    grad = torch_grad(net, x, target)
+    assert rel_err(out["gradient"], grad.sum(1)) < 1e-5
+    assert rel_err(out["splitgrad"], 0.5 * grad.sum(1)) < 1e-5
 
 
 def test_avgpool_ceil_mode_without_partial_windows_is_exact():

@@ -32,6 +32,7 @@ from .registry import (  # noqa: F401
 def _load_families() -> None:
     from . import activation, elementwise, linear, normalization, pooling, shape, refused  # noqa: F401
     from . import shape_arith  # noqa: F401
+    from . import resample, selection  # noqa: F401
 
 
 _load_families()

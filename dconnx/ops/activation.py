@@ -6,8 +6,6 @@ stay for the model's output and the maps explain their input (the logits).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..ir import attrs
 from .registry import OpSpec, canonical_rewrite, op_spec
 from .base import set_streams
@@ -45,14 +43,6 @@ def _check_leaky(view, node, data_in, final):
     return None
 
 
-def _check_max(view, node, data_in, final):
-    consts = [view.const(i) for i in node.input if not view.is_data(i)]
-    if len(node.input) != 2 or not consts or (final and consts[0] is None) or \
-            (consts[0] is not None and np.any(consts[0] != 0)):
-        return "only Max(x, 0) (a Relu) is supported"
-    return None
-
-
 canonical_rewrite("Clip", "activation", "Relu(x - a) - Relu(x - b) + a (exact)", "clip_to_relu",
                   check=_check_clip)
 canonical_rewrite("LeakyRelu", "activation", "s*x + (1 - s)*Relu(x) (exact)", "leaky_to_relu",
@@ -60,8 +50,6 @@ canonical_rewrite("LeakyRelu", "activation", "s*x + (1 - s)*Relu(x) (exact)", "l
 canonical_rewrite("PRelu", "activation", "s*x + (1 - s)*Relu(x) with constant slope (exact)",
                   "leaky_to_relu", const_operands=True,
                   check=all_of(one_data_operand, constant_parameters))
-canonical_rewrite("Max", "activation", "Relu(x) when one operand is the constant 0", "max_to_relu",
-                  shape_op=True, check=all_of(one_data_operand, _check_max))
 for _op in ("Softmax", "LogSoftmax"):
     canonical_rewrite(_op, "activation", "kept for the original output; the maps explain its input (logits)",
                       "strip_softmax", explains_input=True, check=last_op_only)

@@ -160,18 +160,17 @@ class AveragePoolMap(LinearMap):
 
     def __init__(self, comp, node):
         super().__init__(comp, node, node.input[0], node.output[0])
-        self.win = Window(comp, node)   # partial ceil_mode windows were refused by preflight
+        self.win = Window(comp, node)
+        # ceil_mode windows that run past the padded input: their divisor is their own count
+        self.partial = bool(int(self.attrs.get("ceil_mode", 0))) and partial_windows(comp.view, node)
 
     def _inv_count(self):
         """1 / (number of summed positions) per output position, [1, 1, *out]."""
         def make():
             w = self.win
             include = int(self.attrs.get("count_include_pad", 0))
-            if include:
-                count = np.full(w.out_sp, float(w.size))
-            else:
-                ones = np.ones(w.in_sp)
-                count = _numpy_window_sum(ones, w)
+            pads = list(self.attrs.get("pads", [0] * (2 * w.nd)))
+            count = window_counts(w.in_sp, w.out_sp, w.k, w.s, w.d, pads, include)
             inv = (1.0 / count).reshape([1, 1] + w.out_sp).astype(self.b.float_dtype)
             return self.b.const(inv, hint=f"{self.y}::invcount")
         return self.comp.cached(("invcount", self.y), make)
@@ -179,6 +178,8 @@ class AveragePoolMap(LinearMap):
     def apply(self, x, variant="W"):
         if variant == "neg":
             return self.b.zeros_like(self.y)
+        if self.partial:       # the window sums times the per-window divisor, as the transpose
+            return self.b.mul(self.win.window_sum(x), self._inv_count(), hint=f"{self.y}::avgpool")
         return self.b.op("AveragePool", [x], kernel_shape=self.win.k, strides=self.win.s,
                          pads=self.attrs.get("pads"), ceil_mode=self.attrs.get("ceil_mode"),
                          count_include_pad=self.attrs.get("count_include_pad"),
@@ -188,16 +189,6 @@ class AveragePoolMap(LinearMap):
         if variant == "neg":
             return self.b.zeros_like(ct)
         return self.win.window_sum_T(self.b.mul(ct, self._inv_count()))
-
-
-def _numpy_window_sum(arr: np.ndarray, w: Window) -> np.ndarray:
-    padded = np.pad(arr, [(w.pads[i], w.pads[w.nd + i]) for i in range(w.nd)])
-    out = np.zeros(w.out_sp)
-    for idx in np.ndindex(*w.out_sp):
-        sl = tuple(slice(idx[i] * w.s[i], idx[i] * w.s[i] + w.d[i] * (w.k[i] - 1) + 1, w.d[i])
-                   for i in range(w.nd))
-        out[idx] = padded[sl].sum()
-    return out
 
 
 class GlobalAveragePoolMap(LinearMap):
@@ -253,11 +244,21 @@ class ReduceSumMap(LinearMap):
         return b.op("Expand", [ct, shape], hint=f"{self.x}::reduceT")
 
 
-def _check_avgpool(view, node, data_in, final):
-    if int(attrs(node).get("ceil_mode", 0)) and final and partial_windows(view, node):
-        return ("ceil_mode with partial windows at the end of an axis is not supported "
-                "(onnxruntime's divisor there is not the window's size); export with ceil_mode=0")
-    return None
+def window_counts(in_sp, out_sp, k, s, d, pads, include_pad: int) -> np.ndarray:
+    """How many positions each average-pooling window divides by: the window's positions inside
+    the input (count_include_pad=0) or inside the input and its explicit pads (1); positions a
+    ceil_mode window reaches past the padded end never count (onnxruntime and torch agree)."""
+    nd = len(in_sp)
+    per_axis = []
+    for i in range(nd):
+        lo, hi = (-pads[i], in_sp[i] + pads[nd + i]) if include_pad else (0, in_sp[i])
+        start = np.arange(out_sp[i]) * s[i] - pads[i]
+        pos = start[:, None] + np.arange(k[i])[None, :] * d[i]
+        per_axis.append(((pos >= lo) & (pos < hi)).sum(1).astype(np.float64))
+    count = per_axis[0]
+    for c in per_axis[1:]:
+        count = np.multiply.outer(count, c)
+    return count
 
 
 def partial_windows(view, node) -> bool:
@@ -282,8 +283,9 @@ deflinear("ReduceMean", "pooling", ReduceSumMap, shift=False, recenter=False, ze
           check=reduce_axes_not_batch,
           doc="over non-batch axes (over all spatial axes it becomes GlobalAveragePool)")
 deflinear("AveragePool", "pooling", AveragePoolMap, shift=False, recenter=False, keeps_sign=True,
-          zero_n=True, auto_pad=True, window_pool=True, check=_check_avgpool,
-          doc="nonnegative linear map on each stream (count_include_pad either way)")
+          zero_n=True, auto_pad=True, window_pool=True,
+          doc="nonnegative linear map on each stream (count_include_pad either way; ceil_mode partial "
+              "windows divide by their own count)")
 deflinear("GlobalAveragePool", "pooling", GlobalAveragePoolMap, shift=False, recenter=False,
           keeps_sign=True, zero_n=True,
           doc="nonnegative linear map on each stream (spatial ReduceMean is rewritten to it)")

@@ -22,7 +22,6 @@ refuse("Pow", "nonlinear: not supported")
 refuse("Reciprocal", "nonlinear: not supported")
 for _op in ("LRN", "InstanceNormalization", "LayerNormalization", "GroupNormalization"):
     refuse(_op, "data-dependent normalization: not supported")
-refuse("ReduceMax", "max over an axis: not supported (use MaxPool)")
 refuse("ArgMax", "integer output of data: not differentiable")
 refuse("TopK", "data-dependent selection: not supported")
 for _op in ("Loop", "If", "Scan"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from .registry import SPECS, facts
 
-for _op in ("Gather", "Cast", "ConstantOfShape", "Range", "Equal", "Expand", "ReduceProd", "Min",
-            "Neg", "Floor", "Ceil", "Abs", "Tile", "Not", "Greater", "Less", "GatherElements", "Size"):
+for _op in ("Gather", "Cast", "ConstantOfShape", "Range", "Equal", "Expand", "ReduceProd",
+            "Floor", "Ceil", "Tile", "Not", "Greater", "Less", "GatherElements", "Size"):
     s = facts(_op, shape_op=True)
     if not s.family:
         s.family = "shape arithmetic"

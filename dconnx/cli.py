@@ -42,6 +42,13 @@ def _add_convert(sub):
     p.add_argument("--ties", choices=["strict", "geq"], default="strict",
                    help="Relu mask 1[x > 0] (strict, default) or the authors' 1[x >= 0] (geq)")
     p.add_argument("--lrp-epsilon", type=float, default=1e-6, help="SplitLRP stabilizer (default 1e-6)")
+    p.add_argument("--reference", type=float, default=0.0,
+                   help="deeplift/ig: default value of the `reference` input, the baseline x0 "
+                        "(default 0.0; feed the input `reference` for another one)")
+    p.add_argument("--ig-steps", type=int, default=50, help="ig: number of integration points (default 50)")
+    p.add_argument("--ig-method", default="gausslegendre",
+                   choices=["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+                            "riemann_trapezoid"], help="ig: quadrature, as Captum's method (default gausslegendre)")
     p.add_argument("--normalize", choices=["none", "max", "minmax"], default="none",
                    help="per-sample map normalization (default none)")
     p.add_argument("--no-upsample", action="store_true", help="keep maps at the layer's resolution")
@@ -67,7 +74,8 @@ def cmd_convert(args) -> int:
     model, report = compile_model(
         args.model, methods=args.methods, layer=args.layer, alpha=args.alpha, alpha_mode=args.alpha_mode,
         maxpool=args.maxpool, stabilize=args.stabilize, relu_backward=args.relu_backward, ties=args.ties,
-        lrp_epsilon=args.lrp_epsilon, normalize=args.normalize, upsample=not args.no_upsample,
+        lrp_epsilon=args.lrp_epsilon, reference=args.reference, ig_steps=args.ig_steps,
+        ig_method=args.ig_method, normalize=args.normalize, upsample=not args.no_upsample,
         output=args.explain_output, mean=_floats(args.mean), std=_floats(args.std),
         fold_batchnorm=not args.no_fold_batchnorm, channel_axis=args.channel_axis,
         precision=args.precision)

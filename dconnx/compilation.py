@@ -31,6 +31,9 @@ class Options:
     inject: str | int | None = None    # start the backward walk at this layer from an `inject` input
     collect: tuple = ()                # layers whose per-method vectors become outputs "<method>@<layer>"
     lrp_epsilon: float = 1e-6
+    reference: float = 0.0             # deeplift/ig: default value of the `reference` graph input
+    ig_steps: int = 50                 # ig: number of points of the path integral (Captum's n_steps)
+    ig_method: str = "gausslegendre"   # ig: riemann_left|right|middle|trapezoid | gausslegendre
     normalize: str = "none"            # "none" | "max" | "minmax"
     upsample: bool = True
     output: str | None = None          # which graph output to explain (default: the first)
@@ -48,6 +51,7 @@ class Options:
         "linear_form": ("sumdiff", "four"),
         "normalize": ("none", "max", "minmax"),
         "precision": ("float32", "float16"),
+        "ig_method": ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"),
     }
 
     def validate(self) -> "Options":
@@ -58,6 +62,9 @@ class Options:
             raise OptionError(f"alpha={self.alpha} is outside [0, 0.5]")
         if self.lrp_epsilon < 0:
             raise OptionError(f"lrp_epsilon={self.lrp_epsilon} must be >= 0")
+        least = 1 if self.ig_method == "gausslegendre" else 2
+        if int(self.ig_steps) != self.ig_steps or self.ig_steps < least:
+            raise OptionError(f"ig_steps={self.ig_steps}: {self.ig_method} needs a whole number >= {least}")
         return self
 
 

@@ -1,6 +1,6 @@
 """The baseline attribution methods, each a rule set over the one reverse walk plus a head
 (docs/baselines.md): Gradient, Gradient×Input, GradCAM, LayerCAM, Guided Backprop,
-LRP-ε, LRP-γ, LRP-z⁺.
+LRP-ε, LRP-γ, LRP-z⁺, DeepLIFT (Rescale), Integrated Gradients.
 
 Loaded by dconnx/methods.py. Gradient, Gradient×Input, GradCAM and LayerCAM
 share the "gradient" rule set, so asking for several of them costs one walk.
@@ -13,6 +13,7 @@ from .errors import OptionError
 from .method_registry import Method, register_method, register_ruleset
 from .rulesets.gradient import GuidedBackprop, PlainGradient
 from .rulesets.lrp_rules import Composite, LRPRules
+from .rulesets.reference import DeepLiftCaptumHooks, DeepLiftRescale, IntegratedGradientsRules
 
 
 # -- heads: (comp, layer tensor, rule set, cotangent) -> [B, C, ...] or [B, ...] --
@@ -113,3 +114,43 @@ register_lrp("lrp_zplus", Composite(
     conv="zplus", dense="epsilon",
     zennit="Zennit 0.5 EpsilonPlus(epsilon=ε); canonizers as for lrp_epsilon"),
     "LRP-z⁺: ZPlus on every Conv, Epsilon on Linear")
+
+
+# -- DeepLIFT and Integrated Gradients: a second forward in the graph (rulesets/reference.py) --
+def _deeplift_head(comp, tensor, rs, ct):
+    """(x − x₀) ⊙ m: the DeepLIFT contributions (Σ over the input = f_k(x) − f_k(x₀))."""
+    return comp.b.mul(ct[0], rs._delta(tensor), hint="dc/deeplift")
+
+
+def _ig_head(comp, tensor, rs, ct):
+    return rs.attribution(ct)
+
+
+register_ruleset("deeplift", DeepLiftRescale)
+register_ruleset("deeplift_captum", DeepLiftCaptumHooks)
+register_ruleset("ig", IntegratedGradientsRules)
+
+_REFERENCE = {"layer": "the input only",
+              "reference": "graph input `reference`, any shape that broadcasts to the input "
+                           "(e.g. [1, C, H, W]); its default is the option reference (default 0.0) "
+                           "everywhere"}
+register_method(Method(
+    "deeplift", "Σ_c (x − x₀) ⊙ m: DeepLIFT, Rescale rule at every Relu and MaxPool", "deeplift",
+    _deeplift_head, params=_REFERENCE,
+    matches="Captum 0.9 DeepLift(model).attribute(x, baselines=x₀, target=k) (its Rescale "
+            "`nonlinear` for ReLU, its `maxpool` rule, eps 1e-10); Σ = f_k(x) − f_k(x₀)"))
+register_method(Method(
+    "deeplift_captum", "deeplift as Captum 0.9 runs on a module where a ReLU feeds a MaxPool: "
+    "that ReLU rescales the max pool's plain gradient", "deeplift_captum", _deeplift_head,
+    params=_REFERENCE,
+    matches="Captum 0.9 DeepLift as it runs on torchvision VGG/ResNet (PyTorch's full backward "
+            "hooks give a ReLU feeding a MaxPool the plain max-pool gradient); complete only "
+            "where the reference's pooled values sit at x's argmax (e.g. a constant reference)"))
+register_method(Method(
+    "ig", "Σ_c (x − x₀) ⊙ Σ_i w_i ∇f_k(x₀ + a_i(x − x₀)): Integrated Gradients, the steps "
+          "batched in the graph", "ig", _ig_head,
+    params={**_REFERENCE, "ig_steps": "number of points (default 50, Captum's n_steps)",
+            "ig_method": "gausslegendre (default) | riemann_left | riemann_right | riemann_middle "
+                         "| riemann_trapezoid (Captum's method)"},
+    matches="Captum 0.9 IntegratedGradients(model).attribute(x, baselines=x₀, target=k, "
+            "n_steps=ig_steps, method=ig_method)"))

@@ -171,3 +171,65 @@ def captum_layer_gradcam(model, layer, x: np.ndarray, target) -> np.ndarray:
                                                target=torch.as_tensor(np.atleast_1d(target)),
                                                relu_attributions=True)
     return out.detach().numpy()[:, 0]
+
+
+# --------------------------------------------------------------------------
+# DeepLIFT and Integrated Gradients: Captum
+# --------------------------------------------------------------------------
+class Clone(torch.nn.Module):
+    """x.clone(): a new autograd node between two hooked modules."""
+
+    def forward(self, x):
+        return x.clone()
+
+
+def _basic_block_forward(self, x):
+    """torchvision's BasicBlock.forward with its second ReLU a module of its own."""
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    return self.relu2(out + identity)
+
+
+def captum_ready(model, separate_maxpool: bool = True):
+    """A copy Captum's DeepLift can run: ReLUs out of place; each torchvision BasicBlock with a
+    ReLU module per use (Captum refuses a module used twice); with `separate_maxpool`, every
+    MaxPool behind a Clone. Without the Clone, a ReLU feeding a MaxPool has its backward hook
+    run on the plain max-pool gradient (PyTorch calls the ReLU's output hook before the
+    MaxPool's input hook replaces that gradient): the composition of Captum's own rules then
+    needs the Clone. The function computed is unchanged."""
+    import types
+    from torchvision.models.resnet import BasicBlock
+    model = without_inplace(model)
+    for m in list(model.modules()):
+        if isinstance(m, BasicBlock):
+            m.relu2 = torch.nn.ReLU()
+            m.forward = types.MethodType(_basic_block_forward, m)
+    if separate_maxpool:
+        for name, m in list(model.named_modules()):
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, torch.nn.MaxPool2d):
+                    setattr(m, child_name, torch.nn.Sequential(Clone(), child))
+    return model.eval()
+
+
+def captum_deeplift(model, x: np.ndarray, target, reference: np.ndarray | float = 0.0) -> np.ndarray:
+    from captum.attr import DeepLift
+    dtype = next(model.parameters()).dtype
+    xt = torch.tensor(x, dtype=dtype)
+    base = torch.broadcast_to(torch.as_tensor(reference, dtype=dtype), xt.shape).clone()
+    out = DeepLift(model).attribute(xt, baselines=base, target=torch.as_tensor(np.atleast_1d(target)))
+    return out.detach().numpy()
+
+
+def captum_ig(model, x: np.ndarray, target, n_steps: int, method: str,
+              reference: np.ndarray | float = 0.0) -> np.ndarray:
+    from captum.attr import IntegratedGradients
+    dtype = next(model.parameters()).dtype
+    xt = torch.tensor(x, dtype=dtype)
+    base = torch.broadcast_to(torch.as_tensor(reference, dtype=dtype), xt.shape).clone()
+    out = IntegratedGradients(model).attribute(xt, baselines=base, target=torch.as_tensor(np.atleast_1d(target)),
+                                               n_steps=n_steps, method=method)
+    return out.detach().numpy()

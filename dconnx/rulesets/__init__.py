@@ -9,3 +9,4 @@ from .split import SplitSensitivities  # noqa: F401
 from .lrp import SplitLRP  # noqa: F401
 from .gradient import PlainGradient, GuidedBackprop  # noqa: F401
 from .lrp_rules import LRPRules, Composite  # noqa: F401
+from .reference import DeepLiftRescale, IntegratedGradientsRules  # noqa: F401

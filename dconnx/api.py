@@ -55,6 +55,20 @@ def _options(options: Options | None, kwargs) -> Options:
     return opts.validate()
 
 
+def _sidecar(model, opts: Options):
+    """Fill the normalization and class names that `<model>.json` beside a model file records
+    (and the options do not give) into `opts`, before the passes run: the optimize pass then
+    records them in the metadata once. Returns (the sidecar's path when its class names were
+    taken, else None; notes)."""
+    from .images import sidecar_options
+    path, found, notes = sidecar_options(model, opts.mean, opts.std)
+    if opts.class_names:
+        found.pop("class_names", None)
+    for key, value in found.items():
+        setattr(opts, key, value)
+    return (path if "class_names" in found else None), notes
+
+
 def _load(model) -> onnx.ModelProto:
     """Load and validate; a model refused only for its intermediate value_info (exporters
     leave stale shapes there that onnxruntime ignores) is accepted without it, with a warning."""
@@ -92,6 +106,7 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
 
     opts = _options(options, kwargs)
     t0 = time.perf_counter()
+    side_path, side_notes = _sidecar(model, opts)
     comp = Compilation(_load(model), opts)
     report = ConversionReport()
     for p in (Preflight(), Canonicalize(), Split(), Backward(), Heads(), Optimize()):
@@ -99,8 +114,13 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
         report.passes.append(result)
         report.notes += result.notes
     report.notes += comp.notes
-    from .images import record_sidecar   # normalization and class names from <model>.json beside it
-    report.notes += record_sidecar(comp.result, model, opts.mean, opts.std)
+    report.notes += side_notes
+    if side_path is not None:
+        names = ", ".join(opts.class_names)
+        written = any(p.key == "dconnx.class_names" for p in comp.result.metadata_props)
+        report.notes.append(f"class names from {side_path.name}: {names}" if written else
+                            f"class names in {side_path.name} ignored: {len(opts.class_names)} names, "
+                            f"{comp.view.shape(comp.explained)[1]} classes")
     report.seconds = time.perf_counter() - t0
     report.explained = comp.explained
     report.heads = list(comp.heads)

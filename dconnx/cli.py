@@ -7,16 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .argtypes import floats as _floats
 from .errors import DconnxError, OptionError
-
-
-def _floats(text: str | None):
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise OptionError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def _add_convert(sub):

@@ -233,9 +233,9 @@ def explain_dataset(model, folder, out, *, batch_size: int = 16, chunk_size: int
                 bar.update(len(idx))
         else:
             from .dataset_ray import ray_batches
-            for batch in ray_batches(model, [str(files[i]) for i in todo], todo, batch_size=batch_size,
-                                     target=target, alpha=alpha, threads=threads, address=ray_address,
-                                     actors=ray_actors):
+            for batch in ray_batches(BatchExplainer, model, [str(files[i]) for i in todo], todo,
+                                     batch_size=batch_size, target=target, alpha=alpha, threads=threads,
+                                     address=ray_address, actors=ray_actors):
                 writer.add(batch)
                 bar.update(len(batch["index"]))
     finally:

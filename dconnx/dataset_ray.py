@@ -10,19 +10,21 @@ from .errors import OptionError
 
 
 class _Actor:
-    """A Ray Data callable class: Ray builds one per actor, so each actor owns one session."""
+    """A Ray Data callable class: Ray builds one per actor, so each actor owns one session.
+    `explainer` is dataset.BatchExplainer, passed in (this module does not import dataset,
+    which imports it)."""
 
-    def __init__(self, model, target, alpha, threads):
-        from .dataset import BatchExplainer
-        self.explain = BatchExplainer(model, target=target, alpha=alpha, threads=threads)
+    def __init__(self, explainer, model, target, alpha, threads):
+        self.explain = explainer(model, target=target, alpha=alpha, threads=threads)
 
     def __call__(self, batch: dict) -> dict:
         return self.explain(list(batch["path"]), batch["index"])
 
 
-def ray_batches(model, paths: list[str], indices: list[int], *, batch_size: int, target=None, alpha=None,
-                threads=None, address=None, actors: int = 1):
-    """Result batches (see dataset.BatchExplainer) from a Ray Data pipeline, as they complete."""
+def ray_batches(explainer, model, paths: list[str], indices: list[int], *, batch_size: int, target=None,
+                alpha=None, threads=None, address=None, actors: int = 1):
+    """Result batches of `explainer` (dataset.BatchExplainer) from a Ray Data pipeline, as they
+    complete."""
     try:
         import ray
         import ray.data
@@ -42,7 +44,7 @@ def ray_batches(model, paths: list[str], indices: list[int], *, batch_size: int,
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 64)))
         ds = ds.map_batches(_Actor, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=int(actors)), num_cpus=1,
-                            fn_constructor_kwargs={"model": str(model), "target": target, "alpha": alpha,
+                            fn_constructor_kwargs={"explainer": explainer, "model": str(model), "target": target, "alpha": alpha,
                                                    "threads": threads})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield batch

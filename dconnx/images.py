@@ -136,47 +136,23 @@ def sidecar(model) -> tuple[Path | None, dict]:
     return path, found
 
 
-def record_sidecar(converted, model, mean=None, std=None) -> list[str]:
-    """Record in the converted model's metadata what the source model's sidecar json says:
-    the normalization mean/std that were not given (`dconnx.preprocess`) and the class names
-    (`dconnx.class_names`). Returns notes for the conversion report."""
+def sidecar_options(model, mean=None, std=None) -> tuple[Path | None, dict, list[str]]:
+    """What the source model's sidecar json adds to the conversion options: the normalization
+    mean/std that were not given and the class names. Returns (sidecar path or None,
+    {option: value} to set, notes for the conversion report). The optimize pass records them
+    in the converted model's metadata (`dconnx.preprocess`, `dconnx.class_names`)."""
     path, found = sidecar(model)
     if path is None:
-        return []
+        return None, {}, []
+    given = {"mean": mean, "std": std}
+    taken = {k: tuple(found[k]) for k in ("mean", "std") if not given[k] and k in found}
     notes = []
-    pre = {"mean": list(mean) if mean else None, "std": list(std) if std else None}
-    taken = [k for k in ("mean", "std") if pre[k] is None and k in found]
-    for k in taken:
-        pre[k] = found[k]
     if taken:
-        _set_meta(converted, "dconnx.preprocess", json.dumps(pre))
         notes.append(f"input normalization {' and '.join(taken)} from {path.name}: "
-                     + ", ".join(f"{k} {pre[k]}" for k in taken))
-    names = found.get("class_names")
-    if names:
-        n_classes = _explained_classes(converted)
-        if n_classes is not None and n_classes != len(names):
-            notes.append(f"class names in {path.name} ignored: {len(names)} names, {n_classes} classes")
-        else:
-            _set_meta(converted, "dconnx.class_names", json.dumps(names))
-            notes.append(f"class names from {path.name}: {', '.join(names)}")
-    return notes
-
-
-def _set_meta(model, key: str, value: str) -> None:
-    for p in model.metadata_props:
-        if p.key == key:
-            p.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
-
-
-def _explained_classes(model) -> int | None:
-    meta = {p.key: p.value for p in model.metadata_props}
-    outs = {o.name: o for o in model.graph.output}
-    out = outs.get(meta.get("dconnx.explained")) or model.graph.output[0]
-    dims = out.type.tensor_type.shape.dim
-    return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+                     + ", ".join(f"{k} {list(v)}" for k, v in taken.items()))
+    if found.get("class_names"):
+        taken["class_names"] = tuple(found["class_names"])
+    return path, taken, notes
 
 
 def read_labels(path) -> list[str]:

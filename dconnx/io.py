@@ -59,9 +59,13 @@ def load_model(source, *, check: bool = True) -> onnx.ModelProto:
 
 
 def model_source(source):
-    """What `convert` returned (a ConvertedModel) as its ModelProto; anything else unchanged."""
-    from .api import ConvertedModel
-    return source.model if isinstance(source, ConvertedModel) else source
+    """What `convert` returned (a ConvertedModel: a ModelProto `.model` with its `.report`) as
+    its ModelProto; anything else unchanged. (Recognized by its fields: io does not import api,
+    which imports io.)"""
+    inner = getattr(source, "model", None)
+    if isinstance(inner, onnx.ModelProto) and hasattr(source, "report"):
+        return inner
+    return source
 
 
 def _read(source) -> tuple[onnx.ModelProto, Path | None, str]:

@@ -90,7 +90,17 @@ def metadata(comp) -> dict:
                                          "std": list(o.std) if o.std else None}),
         "dconnx.target_input": comp.target_input,
         "dconnx.alpha_input": comp.alpha_input,
+        **_class_names(comp),
     }
+
+
+def _class_names(comp) -> dict:
+    """`dconnx.class_names` when the options give one name per explained class."""
+    names = comp.opts.class_names
+    classes = comp.view.shape(comp.explained)[1]
+    if not names or len(names) != classes:
+        return {}
+    return {"dconnx.class_names": json.dumps(list(names))}
 
 
 class Optimize(Pass):

@@ -64,7 +64,7 @@ def add_eval_parser(sub) -> None:
 def cmd_eval(args) -> int:
     import numpy as np
 
-    from ..cli import _floats
+    from ..argtypes import floats as _floats
     from . import benchmark, data
     from .runner import Attributor
 

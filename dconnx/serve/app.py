@@ -352,7 +352,7 @@ def create_app(model, config: ServeConfig) -> FastAPI:
         return error_response(413, str(exc), "BodyTooLarge")
 
     from .page import add_page     # GET /: the explanation page (dconnx view)
-    add_page(app, service)
+    add_page(app, service, error_response, _status)
     return Guard(app, config, metrics)
 
 

@@ -10,8 +10,6 @@ Routes added to the server's app:
                           plus `strength`, the overlay strength)
 """
 import json
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +109,13 @@ def _strength(value) -> float:
     return s
 
 
-def add_page(app, service) -> None:
-    """Register the page's routes on the server's FastAPI app."""
+def add_page(app, service, error_response, _status) -> None:
+    """Register the page's routes on the server's FastAPI app. `error_response` and `_status`
+    are the server's (dconnx.serve.app, which calls this; this module does not import it)."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    from .app import _status, error_response
 
     def static_file(name: str) -> Response:
         if name not in STATIC_TYPES:
@@ -158,39 +156,6 @@ def add_page(app, service) -> None:
             status, kind = _status(e)
             return error_response(status, str(e) if kind != "InternalError" else
                                   f"internal error: {type(e).__name__}: {e}", kind)
-
-
-def view(model, host: str, port: int, config, open_browser: bool = True) -> None:
-    """Serve `model` and open the page in the browser once the server answers."""
-    import socket
-    import webbrowser
-
-    import uvicorn
-
-    from .app import create_app, log_config
-    with socket.socket() as s:      # a port in use is refused here, before the model is loaded
-        try:
-            s.bind((host, int(port)))
-        except OSError as e:
-            raise OptionError(f"cannot listen on {host}:{port}: {e.strerror or e} (--port 0 picks a free "
-                              "port)") from None
-        port = s.getsockname()[1]
-    app = create_app(model, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_config=log_config(config.log_level),
-                                           access_log=False, limit_concurrency=config.max_connections,
-                                           timeout_graceful_shutdown=5))
-    url = f"http://{host}:{port}/"
-
-    def announce():
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if server.started:
-            print(f"dconnx view: the explanation page is at {url} (Ctrl+C to stop)", flush=True)
-            if open_browser and not webbrowser.open(url):
-                print("dconnx view: no browser found; open the URL above yourself", flush=True)
-
-    threading.Thread(target=announce, daemon=True).start()
-    server.run()
 
 
 if __name__ == "__main__":     # python -m dconnx.serve.page: rewrite the example images

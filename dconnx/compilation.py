@@ -41,6 +41,7 @@ class Options:
     check: bool = True                 # run checker + strict shape inference on the result
     mean: tuple | None = None          # input normalization recorded for `dconnx explain`
     std: tuple | None = None
+    class_names: tuple | None = None   # one name per explained class, recorded for `dconnx explain`
 
     _CHOICES = {
         "alpha_mode": ("constant", "frobenius"),

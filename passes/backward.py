@@ -86,7 +86,7 @@ def _weight_of(comp, node):
     if make is None:
         return None
     lin = make(comp, node)
-    return lin.weight_value() if lin.kind == "weight" else None
+    return lin.weight_value() if lin is not None and lin.kind == "weight" else None
 
 
 class Backward(Pass):

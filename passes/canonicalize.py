@@ -151,8 +151,10 @@ class Canonicalize(Pass):
         aside; integer arithmetic on a data tensor's Shape, e.g. the sizes of a Resize, is never
         split), and every such tensor has a static shape but for the batch axis."""
         view = comp.view
+        from .preflight import fused_nodes
+        inner = fused_nodes(view)      # inner nodes of an activation exported as a subgraph
         for node in comp.model.graph.node:
-            if not any(i in view.data_tensors for i in node.input):
+            if not any(i in view.data_tensors for i in node.input) or (node.name or node.output[0]) in inner:
                 continue
             outs = [o for o in node.output if o and o in view.data_tensors and view.is_float(o)]
             if not outs:

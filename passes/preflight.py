@@ -11,6 +11,7 @@ from dconnx.errors import InvalidModelError, UnsupportedOpError
 from dconnx.graph import ModelView
 from dconnx.ir import FLOAT_TYPES, attrs, node_label
 from dconnx.ops import METADATA_ONLY, SPECS
+from dconnx.ops.smooth import find_fusions, fused_interior
 
 from . import Pass, PassResult
 
@@ -52,10 +53,19 @@ def _reason(view: ModelView, node: onnx.NodeProto, final: bool = False) -> str |
     return None
 
 
+def fused_nodes(view: ModelView) -> set[str]:
+    """The inner nodes of activations exported as subgraphs (SiLU as x·Sigmoid(x), GELU's erf
+    form, …): the subgraph is converted as one activation, so they are not checked one by one."""
+    return fused_interior(find_fusions(view))
+
+
 def check_final(comp) -> None:
     """The attribute- and shape-level checks, on the canonical graph (constants folded)."""
     problems = []
+    inner = fused_nodes(comp.view)
     for node in comp.model.graph.node:
+        if (node.name or node.output[0]) in inner:
+            continue
         why = _reason(comp.view, node, final=True)
         if why:
             problems.append((node_label(node), node.op_type, why))
@@ -87,11 +97,12 @@ class Preflight(Pass):
                     "size on every axis but the batch axis: export the model with a fixed input size")
         problems = []
         seen_names = set()
+        inner = fused_nodes(view)
         for node in comp.model.graph.node:
             if node.name and node.name in seen_names:
                 problems.append((node_label(node), node.op_type, "duplicate node name"))
             seen_names.add(node.name)
-            why = _reason(view, node)
+            why = None if (node.name or node.output[0]) in inner else _reason(view, node)
             if why:
                 problems.append((node_label(node), node.op_type, why))
         if problems:
@@ -103,8 +114,9 @@ class Preflight(Pass):
         """Nothing unsupported is left: every node computing a float tensor from data has rules
         or is rewritten by canonicalization (or reads only its input's shape)."""
         view = comp.view
+        inner = fused_nodes(view)
         for node in comp.model.graph.node:
-            if not any(i and view.is_data(i) for i in node.input):
+            if not any(i and view.is_data(i) for i in node.input) or (node.name or node.output[0]) in inner:
                 continue
             if not any(o and o in view.data_tensors and view.is_float(o) for o in node.output):
                 continue

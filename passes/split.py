@@ -11,11 +11,17 @@ from dconnx.compilation import StreamPair
 from dconnx.errors import OptionError
 from dconnx.ir import node_label
 from dconnx.ops import EXPLAINS_INPUT, SPLIT_RULES, SUPPORTED, TWO_DATA, ZERO_N_PRESERVING
+from dconnx.ops.smooth import find_fusions, fused_interior
 
 from . import Pass, PassResult
 
 
 def is_shift_point(comp, node: onnx.NodeProto) -> bool:
+    key = node_key(node)
+    if comp.fusions and key in comp.fusions:
+        return True           # an activation exported as a subgraph (its last node)
+    if comp.fused_interior and key in comp.fused_interior:
+        return False
     info = SUPPORTED.get(node.op_type)
     if info is None:
         return False
@@ -126,6 +132,8 @@ class Split(Pass):
         view, b = comp.view, comp.b
         x = view.data_inputs[0].name
         comp.input_name = x
+        comp.fusions = find_fusions(view)
+        comp.fused_interior = fused_interior(comp.fusions)
         plan_output(comp)
         comp.input_channel_axis = detect_channel_axis(comp)
         res.notes.append(f"input '{x}' {view.shape(x)}: channel axis {comp.input_channel_axis} "
@@ -133,7 +141,7 @@ class Split(Pass):
                          f"[batch, {', '.join(str(d) for d in comp.spatial_shape(x))}]")
         comp.streams[x] = StreamPair(b.relu(x, hint=f"{x}::p"), b.relu(b.neg(x), hint=f"{x}::n"))
         for node in comp.model.graph.node:
-            if node_key(node) not in comp.needed_nodes:
+            if node_key(node) not in comp.needed_nodes or node_key(node) in comp.fused_interior:
                 continue
             if not any(i and view.is_data(i) for i in node.input):
                 continue
@@ -160,6 +168,7 @@ class Split(Pass):
         produced = {o for n in comp.b.nodes for o in n.output} | {i.name for i in comp.model.graph.input}
         needed = [comp.input_name] + [o for node in comp.model.graph.node
                                       if node_key(node) in comp.needed_nodes
+                                      and node_key(node) not in comp.fused_interior
                                       and any(i and view.is_data(i) for i in node.input)
                                       for o in node.output
                                       if o and o in view.data_tensors and view.is_float(o)]

@@ -193,3 +193,24 @@ CASES += [
 ]
 
 BY_NAME = {c.name: c for c in CASES}
+
+# smooth and kinked activations (dconnx/ops/smooth.py), behind a Conv; float32-exact parameters.
+# The Gelu and Mish ops come from the dynamo exporter (torchscript decomposes them).
+def _conv_act(act):
+    return lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act())
+
+
+CASES += [
+    OpCase("sigmoid", _conv_act(nn.Sigmoid), ops=("Sigmoid",)),
+    OpCase("tanh", _conv_act(nn.Tanh), ops=("Tanh",)),
+    OpCase("softplus", _conv_act(nn.Softplus), ops=("Softplus",)),
+    OpCase("elu", _conv_act(lambda: nn.ELU(0.5)), ops=("Elu",)),
+    OpCase("elu_kinked", _conv_act(lambda: nn.ELU(1.5)), ops=("Elu",)),
+    OpCase("selu", _conv_act(nn.SELU), ops=("Selu",)),
+    OpCase("celu", _conv_act(lambda: nn.CELU(0.5)), ops=("Celu",), extra={"float32_only": True}),
+    OpCase("hardsigmoid", _conv_act(nn.Hardsigmoid), ops=("HardSigmoid",)),
+    OpCase("hardswish", _conv_act(nn.Hardswish), ops=("HardSwish",)),
+    OpCase("gelu", _conv_act(nn.GELU), ops=("Gelu",), extra={"exporter": "dynamo"}),
+    OpCase("gelu_tanh", _conv_act(lambda: nn.GELU(approximate="tanh")), ops=("Gelu",), extra={"exporter": "dynamo"}),
+    OpCase("mish", _conv_act(nn.Mish), ops=("Mish",), extra={"exporter": "dynamo"}),
+]

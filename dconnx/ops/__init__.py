@@ -33,6 +33,7 @@ def _load_families() -> None:
     from . import activation, elementwise, linear, normalization, pooling, shape, refused  # noqa: F401
     from . import shape_arith  # noqa: F401
     from . import resample, selection  # noqa: F401
+    from . import smooth  # noqa: F401
 
 
 _load_families()

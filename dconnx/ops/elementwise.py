@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..compilation import StreamPair
-from .registry import OpSpec, canonical_rewrite, op_spec
+from .registry import TWO_DATA, OpSpec, canonical_rewrite, op_spec
 from .base import LinearMap, data_inputs, deflinear, set_streams, split_linear, weight_variant
 from .checks import all_of, constant_broadcasts_to_data, one_data_operand, same_shape_data
 
@@ -107,8 +107,8 @@ def backward_add(comp, node, rs, cts):
 
 
 def _check_div(view, node, data_in, final):
-    if not view.is_data(node.input[0]):
-        return "division by a data-dependent tensor is not supported"
+    if view.is_data(node.input[1]):
+        return "division by a data-dependent tensor is not supported (no exact DC rule)"
     return None
 
 
@@ -119,11 +119,65 @@ for _op in ("Add", "Sub"):
                    doc="two data tensors of one shape: shift and recentering point; "
                        "with a constant operand: affine bias"))
 
-deflinear("Mul", "elementwise", affine_of, shift=False, recenter=False, shape_op=True, const_operands=True,
-          check=all_of(one_data_operand, constant_broadcasts_to_data),
-          doc="by a constant (either sign; per-channel constants too); data x data is refused")
+# -- Mul: by a constant (affine), or of two data tensors (polarization) ------------------------
+def _mul_map(comp, node):
+    """The affine map of a Mul by a constant; None for a product of two data tensors."""
+    return None if _two_data(comp, node) else affine_of(comp, node)
+
+
+def split_mul(comp, node):
+    fused = comp.fusions.get(node.name or node.output[0]) if comp.fusions else None
+    if fused is not None:
+        fused.split(comp, node)
+    elif _two_data(comp, node):
+        split_product(comp, node)
+    else:
+        split_linear(comp, affine_of(comp, node), recenter=False)
+
+
+def backward_mul(comp, node, rs, cts):
+    fused = comp.fusions.get(node.name or node.output[0]) if comp.fusions else None
+    if fused is not None:
+        return fused.backward(comp, node, rs, cts)
+    if _two_data(comp, node):
+        cx, cy = rs.product(cts[0], node)
+        return [(node.input[0], cx), (node.input[1], cy)]
+    lin = affine_of(comp, node)
+    return [(lin.x, rs.linear(cts[0], lin))]
+
+
+def split_product(comp, node):
+    """x·y with x = P − N, y = Q − R (broadcasting): ½[(P+Q)² + (N+R)²] − ½[(P+R)² + (N+Q)²].
+    A square of a nonnegative, convex, nondecreasing function is one too, so both parts are."""
+    b = comp.b
+    s1, s2 = comp.stream(node.input[0]), comp.stream(node.input[1])
+    y = node.output[0]
+
+    def half_sq_sum(u, v, hint):
+        return b.half(b.add(b.mul(u, u), b.mul(v, v)), hint=hint)
+    PQ, NR = b.add(s1.p, s2.p), b.add(s1.n, s2.n)
+    PR, NQ = b.add(s1.p, s2.n), b.add(s1.n, s2.p)
+    set_streams(comp, y, half_sq_sum(PQ, NR, f"{y}::P"), half_sq_sum(PR, NQ, f"{y}::N"), recenter=True)
+
+
+def _check_product(view, node, data_in, final):
+    if len(data_in) != 2:
+        return None
+    s0, s1 = view.shape(node.input[0]), view.shape(node.input[1])
+    if s0 is not None and s1 is not None and len(s0) != len(s1):
+        return f"a product of data tensors of different ranks ({s0} vs {s1})"
+    if final and (s0 is None or s1 is None or any(not isinstance(d, int) for d in s0[1:] + s1[1:])):
+        return f"a product of data tensors whose shapes are not static ({s0} vs {s1})"
+    return None
+
+
+op_spec(OpSpec("Mul", "elementwise", split=split_mul, backward=backward_mul, linear_map=_mul_map,
+               shift=TWO_DATA, recenter=TWO_DATA, shape_op=True, const_operands=True,
+               check=all_of(constant_broadcasts_to_data, _check_product),
+               doc="by a constant (either sign; per-channel constants too): affine; of two data tensors "
+                   "(gates, with broadcasting): polarization, a shift and recentering point"))
 canonical_rewrite("Div", "elementwise", "Mul by the reciprocal constant", "div_to_mul", shape_op=True,
-                  const_operands=True, check=all_of(one_data_operand, _check_div, constant_broadcasts_to_data))
+                  const_operands=True, check=all_of(_check_div, one_data_operand, constant_broadcasts_to_data))
 
 
 def constant_streams(comp, name: str) -> StreamPair:

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 from .registry import refuse
 
-_SMOOTH = "smooth nonlinearity: no exact DC split with these rules (never approximated)"
-for _op in ("Sigmoid", "Tanh", "Softplus", "Elu", "Selu", "Celu", "Gelu"):
-    refuse(_op, _SMOOTH)
-refuse("Erf", "smooth nonlinearity (GELU): no exact DC split (never approximated)")
-refuse("HardSigmoid", "gated nonlinearity: not supported")
-refuse("HardSwish", "product of data tensors (x * hardsigmoid(x)): not DC-splittable by these rules")
-refuse("Mish", "smooth nonlinearity: no exact DC split (never approximated)")
-refuse("Exp", "smooth nonlinearity: not supported")
-refuse("Log", "smooth nonlinearity: not supported")
-refuse("Sqrt", "smooth nonlinearity: not supported", shape_op=True)
-refuse("Pow", "nonlinear: not supported")
-refuse("Reciprocal", "nonlinear: not supported")
+refuse("Erf", "smooth nonlinearity: supported only as the Gelu op (the erf form of GELU is not recognised yet)")
+_UNBOUNDED = "nonlinearity with unbounded slope: no exact DC split with bounded-slope rules (never approximated)"
+refuse("Exp", _UNBOUNDED)
+refuse("Log", _UNBOUNDED)
+refuse("Sqrt", _UNBOUNDED, shape_op=True)
+refuse("Pow", _UNBOUNDED)
+refuse("Reciprocal", _UNBOUNDED)
 for _op in ("LRN", "InstanceNormalization", "LayerNormalization", "GroupNormalization"):
     refuse(_op, "data-dependent normalization: not supported")
 refuse("ArgMax", "integer output of data: not differentiable")

@@ -32,6 +32,30 @@ class RuleSet:
     def sum2(self, ct: tuple, node, sign: int) -> tuple[tuple, tuple]:
         raise NotImplementedError
 
+    def smooth(self, ct: tuple, node, act, x: str) -> tuple:
+        """A smooth or kinked activation y = φ(x) (dconnx/ops/smooth.py: `act` is its curvature split)."""
+        from ..errors import UnsupportedOpError
+        raise UnsupportedOpError([(node.name or node.output[0], node.op_type,
+                                   f"the '{self.name}' rule set has no rule for this activation")])
+
+    def product(self, ct: tuple, node) -> tuple[tuple, tuple]:
+        """y = a·b of two data tensors (broadcasting): the cotangents of a and of b."""
+        from ..errors import UnsupportedOpError
+        raise UnsupportedOpError([(node.name or node.output[0], node.op_type,
+                                   f"the '{self.name}' rule set has no rule for a product of two data tensors")])
+
+    def reduce_to(self, ct: str, like: str, out: str) -> str:
+        """Sum a cotangent of `out` over the axes along which `like` was broadcast to it (the
+        adjoint of broadcasting; operands of one rank, the batch axis never broadcast)."""
+        view = self.comp.view
+        out_shape, in_shape = view.shape(out), view.shape(like)
+        axes = [k for k in range(1, len(out_shape)) if in_shape[k] == 1 and out_shape[k] != 1]
+        return self.b.reduce_sum(ct, axes, keepdims=1) if axes else ct
+
+    def activation_slope(self, node, act, x: str) -> str:
+        """φ'(x) of a smooth activation, tiled to the cotangent's slots."""
+        return self.tile(self.comp.cached(("dphi", node.output[0]), lambda: act.emit_dphi(self.b, x)))
+
     def inject(self, vector: str) -> tuple:
         """A cotangent that starts as `vector` at a hidden layer (relevance or gradient
         injection, as in the cosine-similarity-convergence sanity check)."""

@@ -29,6 +29,14 @@ class PlainGradient(RuleSet):
     def maxpool(self, ct, win):
         return (win.route(ct[0]),)
 
+    def product(self, ct, node):
+        u, v, y = node.input[0], node.input[1], node.output[0]
+        return ((self.reduce_to(self.b.mul(ct[0], v), u, y),), (self.reduce_to(self.b.mul(ct[0], u), v, y),))
+
+    def smooth(self, ct, node, act, x):
+        """φ'(x)·g (guided backprop too: it modifies only the Relu's backward, as Captum's)."""
+        return (self.b.mul(ct[0], self.activation_slope(node, act, x)),)
+
     def sum2(self, ct, node, sign):
         if sign > 0:
             return ct, ct

@@ -119,6 +119,35 @@ class SplitLRP(RuleSet):
         return (self.comp.where(m, RP),
                 self.comp.where(m, RN if RN is not None else self.b.scalar(0.0), routed))
 
+    def product(self, ct, node):
+        """P' = ½(P+Q)² + ½(N+R)², N' = ½(P+R)² + ½(N+Q)² (u = P − N, v = Q − R): each square
+        takes relevance in proportion to its share of its stream (ε-rule) and passes it to its
+        two summands in proportion to their values; relevance is conserved up to ε."""
+        RP, RN = ct
+        u, v, y = node.input[0], node.input[1], node.output[0]
+        if RP is None and RN is None:
+            return ct, ct
+        b, comp = self.b, self.comp
+        pre = comp.pre_stream(y)
+        sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
+        su, sv = comp.stream(u), comp.stream(v)
+        P, N, Q, R = su.p, su.n, sv.p, sv.n
+
+        def weights(first, second):      # ½(first·sP + second·sN), None-aware
+            terms = [b.mul(t, s) for t, s in ((first, sP), (second, sN)) if s is not None]
+            return b.half(terms[0] if len(terms) == 1 else b.add(*terms))
+        PQ, NR, PR, NQ = b.add(P, Q), b.add(N, R), b.add(P, R), b.add(N, Q)
+        parts = [(P, weights(PQ, PR), u), (N, weights(NR, NQ), u), (Q, weights(PQ, NQ), v), (R, weights(NR, PR), v)]
+        out = []
+        for stream, w, like in parts:
+            r = self._times(stream, w)
+            red = None if r is None else self.reduce_to(r, like, y)
+            out.append(self._supported(red, r) if red is not r else red)
+        return (out[0], out[1]), (out[2], out[3])
+
+    def smooth(self, ct, node, act, x):
+        return ct     # relevance passes a smooth activation unchanged on each stream (docs/method.md)
+
     def maxpool(self, ct, win):
         RP, RN = ct
         if RP is None and RN is None:

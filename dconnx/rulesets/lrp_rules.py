@@ -217,6 +217,9 @@ class LRPRules(RuleSet):
     def relu(self, ct, node):
         return ct                                # Zennit: Pass on activations
 
+    def smooth(self, ct, node, act, x):
+        return ct                                # Zennit: Pass on activations
+
     def maxpool(self, ct, win):
         return (win.route(ct[0]),)               # no rule: the gradient
 

@@ -68,6 +68,38 @@ class SplitSensitivities(RuleSet):
         a, d = ct
         return ct, (a, self.b.neg(d))
 
+    def smooth(self, ct, node, act, x):
+        """σ ← c·σ, d ← φ'(x)·d (+ (φ₁' + φ₂' − M₁ − M₂)·a in the full layout: it cancels in g − h)."""
+        a, d = ct
+        b = self.b
+        slope = self.activation_slope(node, act, x)
+        a2 = b.mul(a, b.scalar(act.pair_gain()))
+        if self.layout == "grad":
+            return (a2, b.mul(d, slope))
+        def coupling():
+            (_, M1, _), (_, M2, _) = act.parts()
+            two_phi1 = b.mul(act.dphi1(b, x), b.scalar(2.0))
+            return b.sub(two_phi1, b.add(self.comp.cached(("dphi", node.output[0]),
+                                                          lambda: act.emit_dphi(b, x)), b.scalar(M1 + M2)))
+        k = self.tile(self.comp.cached(("dphi_coupling", node.output[0]), coupling))
+        return (a2, b.add(b.mul(d, slope), b.mul(a, k)))
+
+    def product(self, ct, node):
+        """y = u·v (polarization): both pair sums times S = (p+n)_u + (p+n)_v; the differences
+        d_u = u·a + v·d, d_v = v·a + u·d (grad layout: σ_u = S·σ, ∇_u = v·∇f)."""
+        a, d = ct
+        b, comp = self.b, self.comp
+        u, v, y = node.input[0], node.input[1], node.output[0]
+        S = self.tile(comp.cached(("product_S", y), lambda: b.add(comp.stream_sum(u), comp.stream_sum(v))))
+        A = b.mul(a, S)
+        tu, tv = self.tile(u), self.tile(v)
+        if self.layout == "grad":
+            du, dv = b.mul(d, tv), b.mul(d, tu)
+        else:
+            du, dv = b.add(b.mul(a, tu), b.mul(d, tv)), b.add(b.mul(a, tv), b.mul(d, tu))
+        return ((self.reduce_to(A, u, y), self.reduce_to(du, u, y)),
+                (self.reduce_to(A, v, y), self.reduce_to(dv, v, y)))
+
     def shift(self, ct, factor):
         a, d = ct
         return (self.b.mul(a, factor), d)

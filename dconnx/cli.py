@@ -165,7 +165,7 @@ def cmd_view(args) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
         from .serve import ServeConfig
-        from .serve.page import view
+        from .serve.view import view
     except ImportError as e:
         raise OptionError(f"dconnx view needs the serving extra ({e.name} is missing): "
                           "pip install 'dconnx[serve]'") from None

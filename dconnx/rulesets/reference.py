@@ -210,13 +210,19 @@ class IntegratedGradientsRules(PlainGradient):
     def maxpool(self, ct, win):
         return (self.fwd.window(win).route(ct[0]),)
 
+    def path_sum(self, ct: str) -> str:
+        """Σ_i w_i ct_i over the n stacked steps, [n·B, ...] -> [B, ...]: one MatMul of the
+        weights [1, n] with the cotangent seen as [n, B·...]."""
+        b = self.b
+        flat = b.reshape(ct, [self.n, -1], hint="dc/ig_steps")
+        w = b.const(self.weights.reshape(1, -1).astype(b.float_dtype), hint="ig_weights")
+        total = b.op("MatMul", [w, flat], hint="dc/ig_path_sum")
+        return b.op("Reshape", [total, b.concat([b.ints([-1]), b.shape_of(ct, 1)], 0)], hint="dc/ig_sum")
+
+    def vector(self, ct):
+        """The path-weighted gradient Σ_i w_i ∇_t f at a tensor (what an injected vector becomes)."""
+        return self.path_sum(ct[0])
+
     def attribution(self, ct) -> str:
         """(x − x₀) ⊙ Σ_i w_i ∇f_k(x₀ + a_i (x − x₀)), [B, ...]."""
-        b = self.b
-        x = self.comp.input_name
-        rank = self.comp.view.rank(x)
-        steps = b.op("Reshape", [ct[0], b.concat([b.ints([self.n, -1]), b.shape_of(x, 1, rank)], 0)],
-                     hint="dc/ig_grads")
-        w = b.const(self.weights.reshape([-1] + [1] * rank).astype(b.float_dtype), hint="ig_weights")
-        total = b.reduce_sum(b.mul(steps, w), [0], keepdims=1)
-        return b.squeeze(b.mul(total, self.delta, hint="dc/ig"), [0])
+        return self.b.mul(self.path_sum(ct[0]), self.b.squeeze(self.delta, [0]), hint="dc/ig")

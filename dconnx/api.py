@@ -13,6 +13,7 @@ import onnx
 from .compilation import Compilation, Options
 from .errors import DconnxError, InvalidModelError, OptionError, OutputError
 from .io import load_model, save_model, validate
+from .probe import check_resolution, needs_probe
 
 # methods whose map weights the layer's activations (a class activation map): at the input
 # layer, the default, they weight the image's colour channels, which means little
@@ -121,6 +122,8 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
         report.notes.append(f"class names from {side_path.name}: {names}" if written else
                             f"class names in {side_path.name} ignored: {len(opts.class_names)} names, "
                             f"{comp.view.shape(comp.explained)[1]} classes")
+    if needs_probe(opts):
+        check_resolution(comp.result, comp.explained, opts, report.notes, _outside_this_module())
     report.seconds = time.perf_counter() - t0
     report.explained = comp.explained
     report.heads = list(comp.heads)

@@ -193,20 +193,34 @@ def _basic_block_forward(self, x):
     return self.relu2(out + identity)
 
 
+def _bottleneck_forward(self, x):
+    """torchvision's Bottleneck.forward with a ReLU module per use."""
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu2(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    return self.relu3(out + identity)
+
+
 def captum_ready(model, separate_maxpool: bool = True):
-    """A copy Captum's DeepLift can run: ReLUs out of place; each torchvision BasicBlock with a
-    ReLU module per use (Captum refuses a module used twice); with `separate_maxpool`, every
+    """A copy Captum's DeepLift can run: ReLUs out of place; each torchvision BasicBlock and
+    Bottleneck with a ReLU module per use (Captum refuses a module used twice); with `separate_maxpool`, every
     MaxPool behind a Clone. Without the Clone, a ReLU feeding a MaxPool has its backward hook
     run on the plain max-pool gradient (PyTorch calls the ReLU's output hook before the
     MaxPool's input hook replaces that gradient): the composition of Captum's own rules then
     needs the Clone. The function computed is unchanged."""
     import types
-    from torchvision.models.resnet import BasicBlock
+    from torchvision.models.resnet import BasicBlock, Bottleneck
     model = without_inplace(model)
     for m in list(model.modules()):
         if isinstance(m, BasicBlock):
             m.relu2 = torch.nn.ReLU()
             m.forward = types.MethodType(_basic_block_forward, m)
+        if isinstance(m, Bottleneck):
+            m.relu2, m.relu3 = torch.nn.ReLU(), torch.nn.ReLU()
+            m.forward = types.MethodType(_bottleneck_forward, m)
     if separate_maxpool:
         for name, m in list(model.named_modules()):
             for child_name, child in list(m.named_children()):

@@ -27,7 +27,7 @@ venv: $(STAMP_RT)
 demo: $(STAMP_RT)
 	$(VPY) -m dconnx.demo --out demo-out
 
-# Prints the session's peak RSS and fails above 6 GB (DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides;
+# Prints the session's wall time and peak RSS and fails above 6 GB (DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides;
 # tests/conftest.py, tests/peak_rss.py).
 test: $(STAMP_TEST)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

@@ -1,5 +1,8 @@
 import os
 import sys
+import time
+
+_T0 = time.perf_counter()     # the session's wall time, printed beside the peak RSS
 
 # Every conversion the tests make checks every pass's postcondition (passes/__init__.py); the
 # variable reaches the CLI runs in subprocesses too.
@@ -76,7 +79,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter, config):
     """Print the zoo timing table recorded by tests/test_zoo.py (record_property "zoo_timing")
-    and the session's peak RSS (failing the run above the limit, see pytest_sessionfinish)."""
+    and the session's wall time and peak RSS (failing the run above the limit, see
+    pytest_sessionfinish)."""
     rows = [value for report in terminalreporter.stats.get("passed", [])
             for key, value in getattr(report, "user_properties", ()) if key == "zoo_timing"]
     if rows:
@@ -85,7 +89,8 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(row)
     line, message = getattr(config, "_dconnx_peak_rss", (None, None))
     if line:
-        terminalreporter.write_line(line)
+        wall = time.perf_counter() - _T0
+        terminalreporter.write_line(f"wall time: {wall / 60:.1f} min ({wall:.0f} s); {line}")
         if _PEAKS.raises:
             terminalreporter.write_line("raised most by: " + "; ".join(_PEAKS.top()))
     if message:

@@ -122,7 +122,7 @@ def compile_model(model, options: Options | None = None, *, debug: bool = False,
         report.notes.append(f"class names from {side_path.name}: {names}" if written else
                             f"class names in {side_path.name} ignored: {len(opts.class_names)} names, "
                             f"{comp.view.shape(comp.explained)[1]} classes")
-    if needs_probe(opts):
+    if needs_probe(opts, comp.result):
         check_resolution(comp.result, comp.explained, opts, report.notes, _outside_this_module())
     report.seconds = time.perf_counter() - t0
     report.explained = comp.explained

@@ -1,10 +1,9 @@
 """The float-resolution probe run by `convert`: g − h against the logits on a probe input.
 
-Under recentering (the default, with the shared forward) the outputs are g = relu(f),
-h = relu(−f) and always resolve f. Without recentering (`stabilize="none"`), with an unshared
-forward or in float16, g and h are the true convex parts or are computed from the streams, and
-streams grow layer by layer (squares through products): float32 may no longer resolve their
-difference. `convert` then runs the converted model once on a seeded standard-normal probe input
+Under recentering (the default) the streams are reset to (relu(x), relu(−x)) at every
+recentering point and g − h resolves f. Without recentering (`stabilize="none"`) g and h are the
+true convex parts, and streams grow layer by layer (squares through products): float32 may no
+longer resolve their difference; float16 may not resolve it even with recentering. `convert` then runs the converted model once on a seeded standard-normal probe input
 and compares g − h with the logits.
 """
 from __future__ import annotations
@@ -22,8 +21,11 @@ from .runtime import NumericalWarning
 RESOLVED = 1e-2
 
 
-def needs_probe(opts) -> bool:
-    return opts.stabilize == "none" or not opts.share_forward or opts.precision == "float16"
+def needs_probe(opts, model: onnx.ModelProto) -> bool:
+    """Without recentering, or in float16; not for float64 models (onnxruntime's CPU provider has
+    no float64 convolutions, and float64 resolves what float32 does)."""
+    elem = model.graph.input[0].type.tensor_type.elem_type if model.graph.input else 0
+    return (opts.stabilize == "none" or opts.precision == "float16") and elem != onnx.TensorProto.DOUBLE
 
 
 def probe(model: onnx.ModelProto, explained: str, seed: int = 0) -> tuple[float, float]:
@@ -60,5 +62,4 @@ def check_resolution(model: onnx.ModelProto, explained: str, opts, notes: list, 
                       "streams) are unreliable. --stabilize recenter (the default) resolves them",
                       NumericalWarning, stacklevel=stacklevel)
     else:
-        raise NumericalError(f"{what}; convert with the shared forward (share_forward=True) and "
-                             "precision float32")
+        raise NumericalError(f"{what}; convert with precision float32")

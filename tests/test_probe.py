@@ -1,5 +1,5 @@
-"""convert's float-resolution probe: g − h against the logits on a probe input, where g and h
-are not relu(±f) (stabilize "none", an unshared forward, float16)."""
+"""convert's float-resolution probe: g − h against the logits on a probe input, without
+recentering or in float16."""
 import warnings
 
 import numpy as np
@@ -58,12 +58,12 @@ def test_resolved_model_passes_the_probe_quietly():
 
 
 def test_unresolved_recentered_conversion_is_refused_and_nothing_written(squeezenet, tmp_path, monkeypatch):
-    """With recentering, an unresolved g − h (here: an unshared forward reported unresolved) is
-    refused rather than warned about."""
+    """With recentering (float16 here, reported unresolved), an unresolved g − h is refused
+    rather than warned about."""
     monkeypatch.setattr(probe_mod, "probe", lambda model, explained, seed=0: (0.5, 1e30))
     out = tmp_path / "m.dc.onnx"
     with pytest.raises(dconnx.DconnxError, match="cannot resolve"):
-        dconnx.convert(squeezenet, out, share_forward=False)
+        dconnx.convert(squeezenet, out, precision="float16")
     assert not out.exists()
 
 

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .ops import FLOAT16_MISSING
+from .ops.resample import FIXED_FLOAT32_OPERANDS
 
 FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
@@ -33,14 +34,18 @@ def cast_model(model: onnx.ModelProto, to: int, keep_io: bool = False) -> onnx.M
     m.CopyFrom(model)
     g = m.graph
     boundary = {vi.name for vi in g.input} if keep_io else set()
+    # float operands whose type the op fixes (Resize's roi and scales are float32 in every model)
+    fixed = {node.input[i] for node in g.node for i in FIXED_FLOAT32_OPERANDS.get(node.op_type, ())
+             if i < len(node.input)}
     for t in g.initializer:
-        if t.data_type in FLOATS and t.data_type != to and t.name not in boundary:
+        if t.data_type in FLOATS and t.data_type != to and t.name not in boundary | fixed:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np_to), t.name))
     for node in g.node:
         for a in node.attribute:
             if a.name == "to" and node.op_type == "Cast" and a.i in FLOATS:
                 a.i = to
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOATS:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOATS and \
+                    not set(node.output) & fixed:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np_to), a.t.name))
     del g.value_info[:]
     if not keep_io:

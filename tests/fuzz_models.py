@@ -102,6 +102,42 @@ class Dropout:
 
 
 @dataclass(frozen=True)
+class Upsample:
+    mode: str           # nearest | bilinear
+    scale: int          # scale_factor (size=None) or the factor giving `size`
+    align: bool = False  # align_corners (bilinear)
+    by_size: bool = False  # size=(h·scale, w·scale): sizes computed from the input's Shape
+
+
+@dataclass(frozen=True)
+class ConvT:
+    out: int
+    k: int
+    stride: int
+    pad: int
+    outpad: int
+    dil: int
+    groups: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class MaxMin:
+    op: str             # "max" | "min" of the input and a shape-keeping Conv of it
+    branch: Conv
+
+
+@dataclass(frozen=True)
+class Abs:
+    pass
+
+
+@dataclass(frozen=True)
+class GlobalMax:
+    pass
+
+
+@dataclass(frozen=True)
 class Head:
     kind: str           # flatten | gap | mean | matmul | conv_gap
     classes: int
@@ -203,11 +239,6 @@ def pool_layer(draw, shape):
     dil = draw(st.sampled_from([1, 1, 2])) if is_max else 1
     if ceil and not all(_ceil_agrees(n, k, s, pad, dil) for n in (h, w)):
         ceil = False
-    # ceil_mode AveragePool with partial windows is refused (dconnx/ops/pooling.py): draw only
-    # ceil_mode average pools whose windows are all whole
-    if ceil and not is_max and any(out_size(n, k, s, pad, 1, True) != out_size(n, k, s, pad, 1, False)
-                                   for n in (h, w)):
-        ceil = False
     if out_size(min(h, w), k, s, pad, dil, ceil) < 1:
         return None
     if not all(_windows_see_input(n, k, s, pad, dil, ceil) for n in (h, w)):
@@ -223,15 +254,62 @@ def pool_shape(shape, p):
     return (c, out_size(h, p.k, p.stride, p.pad, dil, p.ceil), out_size(w, p.k, p.stride, p.pad, dil, p.ceil))
 
 
+def convt_out(n: int, l: ConvT) -> int:
+    return (n - 1) * l.stride - 2 * l.pad + l.dil * (l.k - 1) + l.outpad + 1
+
+
+@st.composite
+def convt_layer(draw, shape):
+    """A ConvTranspose2d for `shape` whose output is 1 to 16 pixels a side, or None."""
+    c, h, w = shape
+    out = draw(st.integers(1, 6))
+    groups = draw(st.sampled_from([g for g in range(1, min(c, out) + 1) if c % g == 0 and out % g == 0]))
+    k = draw(st.integers(1, 3))
+    dil = draw(st.sampled_from([1, 1, 2])) if k > 1 else 1
+    stride = draw(st.integers(1, 3))
+    pad = draw(st.integers(0, dil * (k - 1) // 2))
+    outpad = draw(st.integers(0, max(stride, dil) - 1))
+    layer = ConvT(out, k, stride, pad, outpad, dil, groups, draw(st.booleans()))
+    if not all(1 <= convt_out(n, layer) <= 16 for n in (h, w)):
+        return None
+    return layer
+
+
+def convt_shape(shape, l: ConvT):
+    c, h, w = shape
+    return (l.out, convt_out(h, l), convt_out(w, l))
+
+
 @st.composite
 def block(draw, shape):
     """One body element for `shape`; returns (layers, new shape)."""
     c, h, w = shape
     kinds = ["conv", "conv", "conv", "act", "act", "bn", "pool", "affine", "pad", "dropout",
-             "residual", "residual", "concat", "concat"]
+             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax"]
     if c >= 2:
         kinds.append("slice")
+    if max(h, w) <= 6:
+        kinds.append("upsample")
     kind = draw(st.sampled_from(kinds))
+    if kind == "upsample":
+        mode = draw(st.sampled_from(["nearest", "bilinear"]))
+        scale = draw(st.sampled_from([2, 3]))
+        align = mode == "bilinear" and draw(st.booleans())
+        return [Upsample(mode, scale, align, draw(st.booleans()))], (c, h * scale, w * scale)
+    if kind == "convT":
+        layer = draw(convt_layer(shape))
+        if layer is None:
+            return [], shape
+        layers = [layer]
+        if draw(st.booleans()):
+            layers.append(draw(activation()))
+        return layers, convt_shape(shape, layer)
+    if kind == "maxmin":
+        return [MaxMin(draw(st.sampled_from(["max", "min"])), draw(conv_layer(shape, same=True, out=c)))], shape
+    if kind == "abs":
+        return [Abs()], shape
+    if kind == "gmax":
+        return [GlobalMax()], (c, 1, 1)
     if kind == "conv":
         conv = draw(conv_layer(shape))
         layers = [conv]
@@ -305,7 +383,7 @@ def net_specs(draw, max_blocks: int = 6):
     clipped = False
     for _ in range(draw(st.integers(1, max_blocks))):
         layers, new_shape = draw(block(shape))
-        if clipped and any(isinstance(l, MaxPool) for l in layers):
+        if clipped and any(isinstance(l, (MaxPool, GlobalMax, MaxMin)) for l in layers):
             # ReLU6/Hardtanh saturate to one value: exact ties in a max window, which dconnx breaks
             # on the original activation and the float64 reference on its Relu form, rounded
             continue
@@ -385,6 +463,15 @@ class _MatMul(nn.Module):
         return x @ self.w + self.b
 
 
+class _MaxMin(nn.Module):
+    def __init__(self, branch, op):
+        super().__init__()
+        self.branch, self.op = branch, op
+
+    def forward(self, x):
+        return (torch.maximum if self.op == "max" else torch.minimum)(x, self.branch(x))
+
+
 def _act(a: Act | str, c: int) -> nn.Module:
     kind = a.kind if isinstance(a, Act) else a
     if kind == "relu":
@@ -441,6 +528,23 @@ def _layers(layers, c: int):
             c = l.c1 - l.c0
         elif isinstance(l, Dropout):
             mods.append(nn.Dropout(0.5))
+        elif isinstance(l, Upsample):
+            ac = True if l.align else (False if l.mode == "bilinear" else None)
+            if l.by_size:
+                mods.append(_Fn(lambda x, l=l, ac=ac: F.interpolate(
+                    x, size=(x.shape[2] * l.scale, x.shape[3] * l.scale), mode=l.mode, align_corners=ac)))
+            else:
+                mods.append(nn.Upsample(scale_factor=l.scale, mode=l.mode, align_corners=ac))
+        elif isinstance(l, ConvT):
+            mods.append(nn.ConvTranspose2d(c, l.out, l.k, l.stride, l.pad, l.outpad, l.groups, l.bias, l.dil))
+            c = l.out
+        elif isinstance(l, MaxMin):
+            branch, _ = _layers((l.branch,), c)
+            mods.append(_MaxMin(branch, l.op))
+        elif isinstance(l, Abs):
+            mods.append(_Fn(torch.abs))
+        elif isinstance(l, GlobalMax):
+            mods.append(nn.AdaptiveMaxPool2d(1))
         else:
             raise TypeError(l)
     return nn.Sequential(*mods), c
@@ -490,7 +594,7 @@ def build(spec: NetSpec) -> FuzzNet:
 
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, _MatMul)):
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, _MatMul)):
                 wt = m.w if isinstance(m, _MatMul) else m.weight
                 fan_in = wt.shape[0] if isinstance(m, _MatMul) else wt[0].numel()
                 sign = getattr(m, "sign", "mixed")

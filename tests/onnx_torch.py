@@ -6,6 +6,8 @@ graphs dconnx generates, so converted models can be checked in float64 at full s
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import torch
@@ -118,10 +120,49 @@ def _reduce(x, node, a, fn, env):
 
 
 def _resize(x, node, a, env):
+    """ONNX Resize (nearest / linear, constant scales or sizes), axis by axis from the operator's
+    definition: input coordinate per output position, nearest rounding or a two-point lerp."""
+    scales = env[node.input[2]].tolist() if len(node.input) > 2 and node.input[2] else []
     sizes = env[node.input[3]].tolist() if len(node.input) > 3 and node.input[3] else None
-    assert a.get("mode") == "linear" and a.get("coordinate_transformation_mode") == "half_pixel"
-    mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
-    return F.interpolate(x, size=[int(v) for v in sizes[2:]], mode=mode, align_corners=False)
+    mode = a.get("mode", "nearest")
+    coord = a.get("coordinate_transformation_mode", "half_pixel")
+    nearest = a.get("nearest_mode", "round_prefer_floor")
+    assert mode in ("nearest", "linear") and int(a.get("antialias", 0)) == 0
+    for ax in range(2, x.dim()):
+        n_in = x.shape[ax]
+        n_out = int(sizes[ax]) if sizes else int(math.floor(n_in * scales[ax]))
+        s = n_out / n_in if sizes else float(scales[ax])
+        if n_out == n_in and s == 1.0:
+            continue
+        # coordinates in the data's precision (onnxruntime: float32; float64 as torch computes them)
+        i = torch.arange(n_out, dtype=x.dtype)
+        s32 = torch.tensor(s, dtype=x.dtype)
+        if coord == "half_pixel" or (coord == "pytorch_half_pixel" and n_out > 1):
+            c = (i + 0.5) / s32 - 0.5
+        elif coord == "pytorch_half_pixel":
+            c = torch.zeros(n_out, dtype=x.dtype)
+        elif coord == "align_corners":
+            c = i * (n_in - 1) / (n_out - 1) if n_out > 1 else torch.zeros(n_out, dtype=x.dtype)
+        elif coord == "asymmetric":
+            c = i / s32
+        else:
+            raise NotImplementedError(coord)
+        c = c.double()
+        if mode == "nearest":
+            frac = c - torch.floor(c)
+            idx = {"floor": torch.floor(c), "ceil": torch.ceil(c),
+                   "round_prefer_floor": torch.where(frac == 0.5, torch.floor(c), torch.floor(c + 0.5)),
+                   "round_prefer_ceil": torch.where(frac == 0.5, torch.ceil(c), torch.floor(c + 0.5))}[nearest]
+            x = x.index_select(ax, idx.clamp(0, n_in - 1).long())
+        else:
+            c = c.clamp(0, n_in - 1)
+            i0 = torch.floor(c).long()
+            i1 = (i0 + 1).clamp(max=n_in - 1)
+            shape = [1] * x.dim()
+            shape[ax] = n_out
+            w = (c - i0).to(x.dtype).view(shape)
+            x = x.index_select(ax, i0) * (1 - w) + x.index_select(ax, i1) * w
+    return x
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> dict:
@@ -178,6 +219,15 @@ def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
         for t in x[1:]:
             out = torch.maximum(out, t)
         return out
+    if op == "Min":
+        out = x[0]
+        for t in x[1:]:
+            out = torch.minimum(out, t)
+        return out
+    if op == "Mean":
+        return sum(x[1:], x[0]) / len(x)
+    if op == "GlobalMaxPool":
+        return torch.amax(x[0], dim=tuple(range(2, x[0].dim())), keepdim=True)
     if op == "Sum":
         out = x[0]
         for t in x[1:]:
@@ -258,7 +308,7 @@ def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
         return x[0].scatter_add(a.get("axis", 0), x[1], x[2])
     if op == "Gather":
         return torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1)).reshape(
-            *x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:])
+            (*x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:]))
     if op == "Mod":
         return torch.remainder(x[0], x[1])
     if op == "Shape":

@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 
 import dconnx
 import onnx_torch
-from fuzz_models import (BN, Act, Affine, AvgPool, Concat, Conv, Head, MaxPool, NetSpec, Pad, Residual,
+from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, NetSpec,
+                         Pad, Residual, Upsample,
                          export_exact, export_spec, graph_autograd, input_for, net_specs, reference_module,
                          relu_only)
 from helpers import session
@@ -246,13 +247,26 @@ def test_regression_ceil_mode_window_in_padding_is_refused_cleanly():
         dconnx.convert(model, methods="splitgrad")
 
 
-def test_regression_ceil_mode_average_pool_with_partial_window_is_refused():
-    """Found by the fuzzer: a ceil_mode AveragePool whose last window hangs over the input is
-    refused with the node's name and the reason (a documented limitation, not a crash)."""
+def test_regression_ceil_mode_average_pool_with_partial_window_is_exact():
+    """Found by the fuzzer: a ceil_mode AveragePool whose last window hangs over the input was
+    refused; its divisor is now that window's own count (a constant), checked like any spec."""
     spec = NetSpec((1, 4, 4), (AvgPool(3, 2, 0, False, True),), Head("gap", 2), seed=0)
-    _, model = export_spec(spec)
-    with pytest.raises(dconnx.UnsupportedOpError, match="AveragePool.*ceil_mode with partial windows"):
-        dconnx.convert(model, methods="splitgrad")
+    check(spec, _OPTS, 2, 0.3, np.array([0, 1]))
+    spec = NetSpec((2, 5, 5), (Conv(3, (3, 3), 1, 1, 1, 1, True), Act("relu"), AvgPool(2, 2, 0, True, True)),
+                   Head("flatten", 3), seed=1)
+    check(spec, dict(_OPTS, share_forward=False), 2, 0.5, np.array([2, 0]))
+
+
+def test_regression_new_exact_ops():
+    """A fixed example of the resampling and selection layers (Upsample by scale and by size,
+    ConvTranspose, max/min of a branch, abs, global max), so that CI always covers them."""
+    body = (Conv(3, (3, 3), 1, 1, 1, 1, True), Act("relu"), Upsample("bilinear", 2, False, True),
+            ConvT(4, 3, 2, 1, 1, 1, 1, True), Act("relu"), MaxMin("max", Conv(4, (3, 3), 1, 1, 1, 2, True)),
+            Abs(), Upsample("nearest", 2), MaxMin("min", Conv(4, (1, 1), 1, 0, 1, 1, False)),
+            Upsample("bilinear", 3, True), GlobalMax())
+    spec = NetSpec((2, 3, 3), body, Head("flatten", 3, hidden=4), seed=3)
+    check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
+    check(spec, dict(_OPTS, share_forward=False, maxpool="dc", stabilize="none"), 2, 0.0, np.array([1, 1]))
 
 
 def test_regression_deep_mixed_example():

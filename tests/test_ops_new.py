@@ -172,3 +172,43 @@ def test_upsample_opset9_keeps_its_coordinates(mode):
     out = run(dconnx.convert(model, methods="splitgrad", share_forward=False).model, x)
     assert np.abs(out["logits"] - f).max() < 1e-5
     assert np.abs(out["g"] - out["h"] - f).max() < 1e-5
+
+
+# -- n-ary Sum / Mean / Max / Min (torch exports none of them n-ary): float64 vs torch ---------
+NARY = {"Sum": lambda ts: sum(ts), "Mean": lambda ts: sum(ts) / len(ts),
+        "Max": lambda ts: torch.stack(ts).amax(0), "Min": lambda ts: torch.stack(ts).amin(0)}
+
+
+@pytest.mark.parametrize("op", list(NARY))
+def test_nary_ops_float64(op):
+    """op(relu(x), −x, w·x) with a constant w of both signs: g − h and the reconstructed
+    gradient against torch float64 autograd, at α = 0 and α = 0.5."""
+    shape = (2, 3, 4, 4)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(shape[1:])
+    k = int(np.prod(shape[1:]))
+    D = TensorProto.DOUBLE
+    nodes = [helper.make_node("Relu", ["input"], ["a"]), helper.make_node("Neg", ["input"], ["b"]),
+             helper.make_node("Mul", ["input", "w"], ["c"]), helper.make_node(op, ["a", "b", "c"], ["s"]),
+             helper.make_node("Reshape", ["s", "shape"], ["logits"])]
+    g = helper.make_graph(nodes, "nary", [helper.make_tensor_value_info("input", D, ["batch", *shape[1:]])],
+                          [helper.make_tensor_value_info("logits", D, ["batch", k])],
+                          initializer=[helper.make_tensor("w", D, w.shape, w.ravel()),
+                                       helper.make_tensor("shape", TensorProto.INT64, [2], [-1, k])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    conv = dconnx.convert(model, methods="splitgrad", share_forward=False, expose=["input"]).model
+
+    def f(xt):
+        return NARY[op]([torch.relu(xt), -xt, xt * torch.tensor(w)]).reshape(xt.shape[0], -1)
+
+    x = rng.standard_normal(shape)
+    t = np.array([3, k - 5])
+    xt = torch.tensor(x, requires_grad=True)
+    fx = f(xt)
+    fx.gather(1, torch.tensor(t)[:, None]).sum().backward()
+    for alpha in (0.0, 0.5):
+        out = run(conv, x, target=t, alpha=alpha)
+        assert rel_err(out["g"] - out["h"], fx.detach().numpy()) < 1e-12
+        recon = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
+        assert rel_err(recon, xt.grad.numpy()) < 1e-12

@@ -21,6 +21,10 @@ from .registry import canonical_rewrite
 from .base import LinearMap, deflinear, weight_variant
 from .checks import all_of, constant_parameters, one_data_operand
 
+# inputs whose float type ONNX fixes whatever the data's type (roi, scales): a model cast to
+# another float type keeps them float32
+FIXED_FLOAT32_OPERANDS = {"Resize": (1, 2)}
+
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
                     "tf_half_pixel_for_nn", "half_pixel_symmetric")
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")

@@ -507,7 +507,40 @@ class _Builder:
             return src
         if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             return self.softmax(node, src)
+        if isinstance(m, nn.ConvTranspose2d):
+            return self.linear_conv_transpose(node, m, src)
+        if isinstance(m, nn.Upsample):
+            size, scale, mode, ac = m.size, m.scale_factor, m.mode, m.align_corners
+            return self.nonneg("pool", node, [src], lambda t: F.interpolate(t, size, scale, mode, ac),
+                               f"interpolate {mode}")
+        if isinstance(m, nn.AdaptiveMaxPool2d):
+            if _pair(m.output_size) != (1, 1):
+                raise UnsupportedModelError(f"{node.name}: adaptive max pool to {m.output_size}")
+            return self.maxpool(node, src, tuple(self.vals[src.tid].shape[2:]))
         raise UnsupportedModelError(f"{node.name}: module {type(m).__name__} is not supported")
+
+    def linear_conv_transpose(self, node, m: nn.ConvTranspose2d, src: _T):
+        """A transposed convolution: linear with its weight; W^T is the convolution it transposes."""
+        w = m.weight.detach().to(DTYPE)
+        b = m.bias.detach().to(DTYPE) if m.bias is not None else torch.zeros(w.shape[1] * m.groups, dtype=DTYPE)
+        st, pd, op, g, dl = m.stride, m.padding, m.output_padding, m.groups, m.dilation
+
+        def lin(x, w):
+            return F.conv_transpose2d(x, w, None, st, pd, op, g, dl)
+
+        def lin_t(c, w, in_shape):
+            return _vjp_lin_t(lin, c, w, in_shape)
+
+        return self.emit("linear", [src.tid], node, weight=w, bias=b.view(1, -1, 1, 1), lin=lin, lin_t=lin_t,
+                         desc=f"conv_transpose{tuple(w.shape)} s{st} p{pd} op{op} d{dl} g{g}")
+
+    def max2(self, node, a: _T, b: _T, is_min: bool):
+        """max(a, b) = b + relu(a − b); min(a, b) = a − relu(a − b)."""
+        d = self.emit("sub", [a.tid, b.tid], node, suffix=".diff")
+        r = self.emit("relu", [d.tid], node, suffix=".relu")
+        if is_min:
+            return self.emit("sub", [a.tid, r.tid], node, desc="a - relu(a - b)")
+        return self.emit("add", [r.tid, b.tid], node, desc="b + relu(a - b)")
 
     def bn_to_fold(self, node, bn_type):
         if not self.fold_bn or len(node.users) != 1:
@@ -619,6 +652,16 @@ class _Builder:
             return self.emit("linear", [a0.tid], node, weight=w, bias=torch.zeros(w.shape[1], dtype=DTYPE),
                              lin=lambda x, w: x @ w, lin_t=lambda c, w, in_shape: c @ w.T,
                              desc=f"matmul{tuple(w.shape)}")
+        if fname in ("maximum", "minimum", "max", "min") and len(args) == 2 and isinstance(args[1], _T):
+            return self.max2(node, a0, args[1], fname in ("minimum", "min"))
+        if fname == "abs":     # relu(x) + relu(−x)
+            r1 = self.emit("relu", [a0.tid], node, suffix=".relu_pos")
+            r2 = self.emit("relu", [self.affine(node, a0, -1.0, None, suffix=".neg").tid], node, suffix=".relu_neg")
+            return self.emit("add", [r1.tid, r2.tid], node, desc="relu(x) + relu(-x)")
+        if fname == "interpolate":
+            kw = {k: self.cval(v) for k, v in node.kwargs.items()}
+            rest = self.cval(list(node.args[1:]))
+            return self.nonneg("pool", node, [a0], lambda t: F.interpolate(t, *rest, **kw), "interpolate")
         if fname == "relu":
             return self.emit("relu", [a0.tid], node)
         if fname == "pad":

@@ -192,6 +192,21 @@ CASES += [
            ops=("AveragePool",)),
 ]
 
+# data movement with a fixed gather per sample (the adjoint scatter-adds)
+CASES += [
+    OpCase("slice_steps", lambda: Lambda(lambda s, x: x[:, ::2, 1::3]), shape=(2, 4, 8, 8), ops=("Slice",)),
+    OpCase("flip", lambda: Lambda(lambda s, x: s.c(x).flip(3), c=nn.Conv2d(3, 2, 3, padding=1)),
+           ops=("Conv", "Slice")),
+    OpCase("gather_repeated", lambda: Lambda(lambda s, x: x[:, [2, 0, 2]]), ops=("Gather",)),
+    OpCase("expand", lambda: Lambda(lambda s, x: x[:, :1].expand(-1, 3, -1, -1)), ops=("Expand",)),
+    OpCase("tile", lambda: Lambda(lambda s, x: torch.relu(x).repeat(1, 2, 1, 1)), ops=("Tile", "Relu")),
+    OpCase("depth_to_space", lambda: Lambda(lambda s, x: F.pixel_shuffle(x, 2)), shape=(2, 8, 3, 4),
+           ops=("DepthToSpace",)),
+    OpCase("pad_reflect", lambda: Lambda(lambda s, x: F.pad(s.c(x), (1, 2, 1, 0), mode="reflect"),
+                                         c=nn.Conv2d(3, 2, 1)), ops=("Pad",)),
+    OpCase("pad_edge", lambda: Lambda(lambda s, x: F.pad(x, (2, 1, 0, 3), mode="replicate")), ops=("Pad",)),
+]
+
 BY_NAME = {c.name: c for c in CASES}
 
 # smooth and kinked activations (dconnx/ops/smooth.py), behind a Conv; float32-exact parameters.

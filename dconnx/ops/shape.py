@@ -92,10 +92,117 @@ class SliceMap(MoveMap):
                          hint=f"{self.x}::sliceT")
 
 
+class IndexMoveMap(MoveMap):
+    """A fixed gather within each sample: y[j] = x[idx[j]] over the flattened non-batch axes
+    (Slice with steps, Gather with constant indices, Expand, Tile, DepthToSpace/SpaceToDepth,
+    Pad in reflect/edge mode). The map is found by running the node on the positions
+    0..K−1 of one sample; its adjoint scatter-adds every output back to its source."""
+
+    def __init__(self, comp, node):
+        super().__init__(comp, node)
+        self.k_in = int(np.prod(self.in_shape[1:]))
+        self.k_out = int(np.prod(self.out_shape[1:]))
+
+    def index(self) -> str:
+        """int64 [1, K_out]: the source position of every output position."""
+        def make():
+            src = gather_index(self.comp.view, self.node, self.in_shape)
+            return self.b.const(src.reshape(1, -1), hint=f"{self.y}::srcidx")
+        return self.comp.cached(("srcidx", self.y), make)
+
+    def adjoint(self, ct):
+        b = self.b
+        upd = b.reshape(ct, [-1, self.k_out], hint=f"{self.x}::upd")
+        lead = b.shape_of(upd, 0, 1)
+        idx = b.op("Expand", [self.index(), b.concat([lead, b.ints([self.k_out])], axis=0)])
+        zeros = b.op("ConstantOfShape", [b.concat([lead, b.ints([self.k_in])], axis=0)],
+                     value=_zero_tensor(b.float_dtype))
+        out = b.op("ScatterElements", [zeros, idx, upd], axis=1, reduction="add", hint=f"{self.x}::gatherT")
+        return b.reshape(out, [-1] + list(self.in_shape[1:]), hint=f"{self.x}::moveT")
+
+
+def _zero_tensor(dtype):
+    from onnx import numpy_helper
+    return numpy_helper.from_array(np.zeros([1], dtype=dtype))
+
+
+def gather_index(view, node, in_shape) -> np.ndarray:
+    """The source position (within one sample) of every output position of a data-movement node,
+    by evaluating it on the positions themselves (exact in float64 up to 2^53)."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    k_in = int(np.prod(in_shape[1:]))
+    pos = np.arange(k_in, dtype=np.float64).reshape([1] + list(in_shape[1:]))
+    feeds = {node.input[0]: pos}
+    inits = []
+    for name in node.input[1:]:
+        if name:
+            v = view.const(name)
+            if node.op_type == "Expand":        # per sample: the batch axis broadcasts from 1
+                v = np.asarray(v).copy()
+                v[0] = 1
+            inits.append(numpy_helper.from_array(np.asarray(v), name))
+    g = helper.make_graph([node], "move", [helper.make_tensor_value_info(node.input[0], 11, None)],
+                          [helper.make_tensor_value_info(node.output[0], 0, None)], initializer=inits)
+    out = ReferenceEvaluator(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])).run(None, feeds)[0]
+    return np.asarray(out)[:1].reshape(-1).astype(np.int64)
+
+
+def _const_operands(view, node, final):
+    for i in node.input[1:]:
+        if i and view.const(i) is None and final:
+            return f"operand '{i}' is not constant"
+    return None
+
+
+def _batch_kept(view, node):
+    xs, ys = view.shape(node.input[0]), view.shape(node.output[0])
+    if xs is None or ys is None or len(xs) != len(ys):
+        return "the rank changes or is unknown"
+    if isinstance(xs[0], int) and isinstance(ys[0], int) and xs[0] != ys[0]:
+        return "changes the batch axis"
+    if isinstance(xs[0], int) != isinstance(ys[0], int):
+        return "changes the batch axis"
+    return None
+
+
+def _check_gather(view, node, data_in, final):
+    if node.input[0] not in data_in or len(data_in) > 1:
+        return "only constant indices into data are supported"
+    if int(attrs(node).get("axis", 0)) % max(view.rank(node.input[0]) or 1, 1) == 0:
+        return "gathers along the batch axis"
+    return _const_operands(view, node, final)
+
+
+def _check_move(view, node, data_in, final):
+    """Expand, Tile, DepthToSpace, SpaceToDepth: constant operands, batch axis kept."""
+    if len(data_in) > 1 or node.input[0] not in data_in:
+        return "only the first operand may be data"
+    why = _const_operands(view, node, final)
+    if why or not final:
+        return why
+    if node.op_type == "Tile" and int(np.asarray(view.const(node.input[1]))[0]) != 1:
+        return "tiles the batch axis"
+    return _batch_kept(view, node)
+
+
+def _pad_map(comp, node):
+    return PadMap(comp, node) if attrs(node).get("mode", "constant") == "constant" else IndexMoveMap(comp, node)
+
+
+def _slice_map(comp, node):
+    steps = comp.view.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    return SliceMap(comp, node) if steps is None or np.all(np.asarray(steps) == 1) else IndexMoveMap(comp, node)
+
+
 def _check_pad(view, node, data_in, final):
     a = attrs(node)
+    if a.get("mode", "constant") not in ("constant", "reflect", "edge"):
+        return f"pad mode '{a.get('mode')}' is not supported (constant 0, reflect, edge)"
     if a.get("mode", "constant") != "constant":
-        return f"pad mode '{a.get('mode')}' is not supported (constant 0 only)"
+        why = _const_operands(view, node, final)
+        if why:
+            return why
     if len(node.input) > 2 and node.input[2]:
         v = view.const(node.input[2])
         if (v is None and final) or (v is not None and np.any(v != 0)):
@@ -110,8 +217,10 @@ def _check_pad(view, node, data_in, final):
 def _check_slice(view, node, data_in, final):
     if len(node.input) > 4 and node.input[4]:
         steps = view.const(node.input[4])
-        if (steps is None and final) or (steps is not None and np.any(steps != 1)):
-            return "only unit steps are supported"
+        if steps is None and final:
+            return "the steps are not constant"
+        if steps is not None and np.any(steps != 1) and final:
+            return _const_operands(view, node, final) or _batch_kept(view, node)
     return None
 
 
@@ -134,10 +243,15 @@ deflinear("Transpose", "shape", TransposeMap, **_MOVE, shape_op=True, check=_che
           doc="any permutation that keeps axis 0 first")
 deflinear("Squeeze", "shape", SqueezeMap, **_MOVE, shape_op=True, doc="constant axes, not axis 0")
 deflinear("Unsqueeze", "shape", SqueezeMap, **_MOVE, shape_op=True, doc="constant axes, not axis 0")
-deflinear("Pad", "shape", PadMap, **_MOVE, check=_check_pad,
-          doc="mode constant with value 0, nonnegative pads, batch axis unpadded")
-deflinear("Slice", "shape", SliceMap, **_MOVE, shape_op=True, check=_check_slice,
-          doc="constant starts/ends/axes, unit steps, batch axis untouched")
+deflinear("Pad", "shape", _pad_map, **_MOVE, check=_check_pad,
+          doc="mode constant with value 0, reflect or edge; nonnegative pads, batch axis unpadded")
+deflinear("Slice", "shape", _slice_map, **_MOVE, shape_op=True, check=_check_slice,
+          doc="constant starts/ends/axes/steps (any sign), batch axis untouched")
+deflinear("Gather", "shape", IndexMoveMap, **_MOVE, shape_op=True, check=_check_gather,
+          doc="constant indices into data, not along the batch axis; the adjoint scatter-adds")
+for _op in ("Expand", "Tile", "DepthToSpace"):
+    deflinear(_op, "shape", IndexMoveMap, **_MOVE, shape_op=_op in ("Expand", "Tile"), check=_check_move,
+              doc="constant operands, batch axis kept; the adjoint scatter-adds every copy back")
 
 canonical_rewrite("Identity", "shape", "removed", "remove_identity", shape_op=True)
 canonical_rewrite("Dropout", "shape", "removed (inference)", "remove_identity")

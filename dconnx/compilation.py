@@ -119,7 +119,7 @@ class Compilation:
     inject_input: str = ""        # the `inject` input when the walk starts at a hidden layer
     shift_factor: str = ""        # 1 − 2α, from the alpha input
     zero_streams: set = field(default_factory=set)   # stream tensors that are structurally 0
-    fusions: dict = field(default_factory=dict)      # node key -> Fusion (dconnx/ops/smooth.py)
+    fusions: dict = field(default_factory=dict)      # node key -> Fusion (dconnx/ops/fused.py)
     fused_interior: set = field(default_factory=set) # inner nodes of those subgraphs
     _cache: dict = field(default_factory=dict)
 

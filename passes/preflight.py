@@ -11,7 +11,7 @@ from dconnx.errors import InvalidModelError, UnsupportedOpError
 from dconnx.graph import ModelView
 from dconnx.ir import FLOAT_TYPES, attrs, node_label
 from dconnx.ops import METADATA_ONLY, SPECS
-from dconnx.ops.smooth import find_fusions, fused_interior
+from dconnx.ops.fused import find_fusions, fused_interior
 
 from . import Pass, PassResult
 

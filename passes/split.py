@@ -11,7 +11,7 @@ from dconnx.compilation import StreamPair
 from dconnx.errors import OptionError
 from dconnx.ir import node_label
 from dconnx.ops import EXPLAINS_INPUT, SPLIT_RULES, SUPPORTED, TWO_DATA, ZERO_N_PRESERVING
-from dconnx.ops.smooth import find_fusions, fused_interior
+from dconnx.ops.fused import find_fusions, fused_interior
 
 from . import Pass, PassResult
 

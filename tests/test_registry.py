@@ -169,7 +169,8 @@ def test_op_cases_produce_the_ops_they_claim():
     from helpers import export
     for case in CASES:
         x = torch.tensor(np.zeros(case.shape, np.float32))
-        comp = Compilation(validate(export(case.module(), x, keep_bn=case.keep_bn)), Options())
+        model = export(case.module(), x, keep_bn=case.keep_bn, exporter=case.extra.get("exporter", "torchscript"))
+        comp = Compilation(validate(model), Options())
         Preflight()(comp)
         Canonicalize()(comp)
         present = {n.op_type for n in comp.model.graph.node}

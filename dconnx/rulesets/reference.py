@@ -20,11 +20,14 @@ constant `Options.reference` everywhere, broadcast to x's shape):
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..errors import OptionError
+from ..method_registry import METHODS
 from .gradient import PlainGradient
 
 EPS = 1e-10                     # Captum DeepLift's eps: |Δx| below it takes the gradient
@@ -81,23 +84,22 @@ class ForwardCopy:
         for node in list(comp.model.graph.node):
             if not any(i in self.names for i in node.input if i):
                 continue
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            del copy.input[:]
-            copy.input.extend(self.names.get(i, i) for i in node.input)
-            del copy.output[:]
-            copy.output.extend(b.fresh(f"{o}::{tag}") if o else "" for o in node.output)
-            copy.name = b.fresh(f"{node.name or node.output[0]}::{tag}#node")
-            b.nodes.append(copy)
-            self.names.update({o: c for o, c in zip(node.output, copy.output) if o})
-            self.nodes[node.output[0]] = copy
+            dup = onnx.NodeProto()
+            dup.CopyFrom(node)
+            del dup.input[:]
+            dup.input.extend(self.names.get(i, i) for i in node.input)
+            del dup.output[:]
+            dup.output.extend(b.fresh(f"{o}::{tag}") if o else "" for o in node.output)
+            dup.name = b.fresh(f"{node.name or node.output[0]}::{tag}#node")
+            b.nodes.append(dup)
+            self.names.update({o: c for o, c in zip(node.output, dup.output) if o})
+            self.nodes[node.output[0]] = dup
 
     def __getitem__(self, tensor: str) -> str:
         return self.names[tensor]
 
     def window(self, win):
         """The MaxPool window `win` of the original graph, reading the copy's argmax."""
-        import copy
         w = copy.copy(win)
         w.node = self.nodes[win.y]
         w.x, w.y = self[win.x], self[win.y]
@@ -105,7 +107,6 @@ class ForwardCopy:
 
 
 def _input_only(comp, rs_name: str) -> None:
-    from ..method_registry import METHODS
     for h in comp.heads:
         if METHODS[h.method].ruleset == rs_name and h.tensor != comp.input_name:
             raise OptionError(f"{h.method} attributes to the input only (as Captum's DeepLift and "

@@ -77,6 +77,10 @@ CANDIDATES = [
     ("zennit_lrp_epsilon", "zennit", "Zennit LRP-ε", {}),
     ("captum_layergradcam", "captum", "Captum LayerGradCam @CAM layer", {}),
     ("gradcam_layercam", "gradcam", "pytorch-grad-cam LayerCAM @CAM layer", {}),
+    ("deeplift", "ort", "dconnx DeepLIFT (zero reference)", {"methods": "deeplift"}),
+    ("ig16", "ort", "dconnx Integrated Gradients, 16 steps", {"methods": "ig", "ig_steps": 16}),
+    ("captum_deeplift", "captum_deeplift", "Captum DeepLift (zero baseline)", {}),
+    ("captum_ig16", "captum_ig", "Captum IntegratedGradients, 16 steps", {"n_steps": 16}),
 ]
 QUICK = ("ort_forward", "ort_gradient", "splitgrad", "splitcam", "splitlrp", "split_all3",
          "torch_split_splitgrad", "torch_split_splitlrp", "authors_splitgrad",
@@ -88,7 +92,7 @@ PAIRS = [("splitgrad", "torch_split_splitgrad"), ("splitlrp", "torch_split_split
          ("splitgrad", "zennit_lrp_epsilon"), ("lrp_epsilon", "zennit_lrp_epsilon"),
          ("splitcam_cam", "captum_layergradcam"), ("splitcam_cam", "gradcam_layercam"),
          ("layercam_cam", "gradcam_layercam"), ("ort_gradient", "torch_gradient"),
-         ("ort_forward", "torch_forward")]
+         ("ort_forward", "torch_forward"), ("deeplift", "captum_deeplift"), ("ig16", "captum_ig16")]
 # the performance targets of the project (issue "Performance"): (what, numerator, denominator, bound,
 # at most / at least, models, batches); ratios of medians measured in the same group of one run
 TARGETS = [
@@ -301,6 +305,24 @@ def _build_call(spec):
             _, rel = attributor(xt.clone().requires_grad_(True), lambda out: out * eye)
             return rel.sum(1)
         return sync(call)
+    if kind == "captum_deeplift":
+        from captum.attr import DeepLift
+        # as a Captum user runs it: ReLUs out of place, one ReLU module per use (Captum needs both)
+        dl = DeepLift(__import__("baseline_refs").captum_ready(model, separate_maxpool=False))
+        base = torch.zeros_like(xt)
+
+        def call():
+            return dl.attribute(xt, baselines=base, target=tt).sum(1)
+        return sync(call)
+    if kind == "captum_ig":
+        from captum.attr import IntegratedGradients
+        ig = IntegratedGradients(model)
+        base = torch.zeros_like(xt)
+
+        def call():
+            return ig.attribute(xt, baselines=base, target=tt, n_steps=opts["n_steps"],
+                                method="gausslegendre").sum(1)
+        return sync(call)
     model = __import__("baseline_refs").without_inplace(model)
     layer = torch_cam_layer(name, model)
     if kind == "captum":
@@ -455,7 +477,8 @@ def convert_variants(name, path, out, cands, log):
         dest = out / "models" / name / f"{c}.onnx"
         dest.parent.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        model, report = dconnx.compile_model(str(path), methods=opts["methods"], layer=layer)
+        extra = {k: v for k, v in opts.items() if k not in ("methods", "layer")}    # e.g. ig_steps
+        model, report = dconnx.compile_model(str(path), methods=opts["methods"], layer=layer, **extra)
         t_compile = time.perf_counter() - t
         save_model(model, str(dest))
         t_total = time.perf_counter() - t

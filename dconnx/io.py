@@ -25,6 +25,37 @@ MIN_OPSET = 17
 
 ModelLike = "str | os.PathLike | onnx.ModelProto | bytes"
 
+# Conversion holds every node's Python wrappers, shapes and rewrites at once (about 25 KB
+# and 1.4 ms per node): larger graphs are refused before that work starts. Real CNNs have a
+# few hundred to a few thousand nodes. DCONNX_MAX_NODES overrides the limit.
+MAX_NODES = 20_000
+STALE_TEMP_S = 3600.0      # an old-style temporary with no owner id is stale after this long
+
+
+def max_nodes() -> int:
+    try:
+        return int(os.environ.get("DCONNX_MAX_NODES", MAX_NODES))
+    except ValueError:
+        return MAX_NODES
+
+
+def check_node_count(model: onnx.ModelProto, where: str) -> None:
+    """InvalidModelError when the graph (with its subgraphs) has more nodes than max_nodes()."""
+    limit = max_nodes()
+    count, stack = 0, [model.graph]
+    while stack:
+        g = stack.pop()
+        count += len(g.node)
+        if count > limit:
+            raise InvalidModelError(f"{where} has more than {limit} nodes; dconnx converts graphs of at most "
+                                    f"{limit} nodes (about 25 KB of memory each; set DCONNX_MAX_NODES to raise it)")
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+
 
 def load_model(source, *, check: bool = True) -> onnx.ModelProto:
     """Load a model from a path, bytes or a ModelProto, with external data, and validate it.
@@ -41,6 +72,7 @@ def load_model(source, *, check: bool = True) -> onnx.ModelProto:
         model = copy
     checks.check_header(model, "<bytes>" if where == "bytes" else where, MAX_IR_VERSION, MAX_OPSET)
     refuse_converted(model, where)
+    check_node_count(model, where)
     for t in checks.all_tensors(model):
         checks.check_tensor(t)
     if checks.check_external_data(model, base_dir, where):
@@ -241,13 +273,68 @@ def prepare_output(path) -> Path:
     return path
 
 
+def _temp_prefix(path: Path) -> str:
+    """Hidden temporaries beside `path` carry the writer's process id: `.NAME.PID.`."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` that a killed writer left behind: those whose process id
+    names no running process, and old-style staging folders (no id, holding only the model and
+    its .data) untouched for STALE_TEMP_S."""
+    import re
+    import time
+    removed = []
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[A-Za-z0-9_]{8}(?:\..*)?$")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or entry.is_symlink():
+            continue
+        if m.group(1) is not None:
+            pid = int(m.group(1))
+            if pid == os.getpid() or _alive(pid):
+                continue
+        else:           # only a staging folder of save_model's (the model and its .data inside)
+            try:
+                if not entry.is_dir(follow_symlinks=False) or \
+                        time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_TEMP_S or \
+                        not set(os.listdir(entry.path)) <= {path.name, path.name + ".data"}:
+                    continue
+            except OSError:
+                continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def atomic_write(path, write, suffix: str = "") -> Path:
     """write(tmp_path) into a temporary file beside `path`, then rename: never a partial file.
     The file gets the mode a plain open() would give it (0o666 minus the umask).
     OutputError when the path cannot be written."""
     path = prepare_output(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix, dir=path.parent)
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     os.close(fd)
@@ -278,7 +365,8 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = Non
     if external_data and (path.parent / data_name).is_dir():
         raise OutputError(f"cannot write '{path.parent / data_name}': it is a folder")
     try:
-        workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        remove_stale_temps(path)
+        workdir = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
     try:

@@ -6,8 +6,10 @@ Every error is JSON {"error": message, "type": kind} with a 4xx/5xx status.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import DconnxError, InputError
 from ..runtime import Explainer
 from . import codec
-from .codec import Malformed
+from .codec import Malformed, TooLarge
 from .batching import MicroBatcher, QueueFull, ServerClosing
 from .config import ServeConfig
 from .metrics import Metrics
@@ -36,6 +38,10 @@ LOOP_PARSE_BYTES = 1 << 20
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyTimeout(Exception):
+    """The body did not arrive within --body-timeout: 408."""
 
 
 class UnsupportedMedia(InputError):
@@ -72,14 +78,28 @@ class Guard:
             await send(message)
 
         received = 0
+        body_done = False
+        deadline = None
+        body_timeout = self.config.body_timeout_s
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:
+                return await receive()
+            if deadline is None:         # the clock starts when the app first reads the body
+                deadline = time.monotonic() + body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the body did not arrive within {body_timeout} s "
+                                  "(dconnx serve --body-timeout)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(f"the body exceeds {limit} bytes")
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         try:
@@ -129,6 +149,12 @@ class Service:
             self.images = ImageInput.from_explainer(ex)
         except InputError:
             self.images = None     # not an image model: tensors only
+        shape = ex.input_shape[1:]
+        elements = math.prod(d if isinstance(d, int) and d > 0 else 1 for d in shape)
+        if self.images is not None:
+            elements = max(elements, self.images.height * self.images.width * self.images.channels)
+        self.limits = codec.Limits(int(elements), config.max_request_samples)
+        self.decoding = asyncio.Semaphore(config.max_decoding)
         self.batcher = MicroBatcher(self._run, max_batch=config.max_batch,
                                     max_delay_s=config.max_delay_ms / 1000.0, max_queue=config.max_queue,
                                     observe=metrics.observe_batch)
@@ -147,17 +173,35 @@ class Service:
                     "channels": self.images.channels, "mean": self.images.mean, "std": self.images.std},
                 "limits": {"max_batch": self.config.max_batch,
                            "max_request_samples": self.config.max_request_samples,
-                           "max_body_bytes": self.config.max_body_bytes, "timeout_s": self.config.timeout_s}}
+                           "max_body_bytes": self.config.max_body_bytes, "timeout_s": self.config.timeout_s,
+                           "max_json_values": self.limits.max_values,
+                           "max_image_bytes": self.limits.max_image_bytes,
+                           "max_decoding": self.config.max_decoding,
+                           "header_timeout_s": self.config.header_timeout_s,
+                           "body_timeout_s": self.config.body_timeout_s}}
 
     async def parse(self, request: Request, route: str) -> codec.Request:
+        """At most --max-decoding requests read and decode their bodies at once: the memory of
+        decoding is bounded by that many times one request's limits. The body itself is read
+        first (at most --max-body-bytes, within --body-timeout), so a slow client holds no slot."""
+        await request.body()
+        async with self.decoding:
+            try:
+                return await self._parse(request, route)
+            except StarletteHTTPException as e:   # multipart parse errors, too many files or fields
+                if e.status_code >= 500:
+                    raise
+                raise Malformed(f"cannot read the multipart body: {e.detail}") from None
+
+    async def _parse(self, request: Request, route: str) -> codec.Request:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         opts = dict(request.query_params)
         images: list[bytes] = []
         x = None
         if ctype == "application/json":
             raw_body = await request.body()
-            body = (codec.parse_json_body(raw_body) if len(raw_body) < LOOP_PARSE_BYTES   # big ones off the loop
-                    else await run_in_threadpool(codec.parse_json_body, raw_body))
+            body = (self._json(raw_body) if len(raw_body) < LOOP_PARSE_BYTES   # big ones off the loop
+                    else await run_in_threadpool(self._json, raw_body))
             opts.update({k: v for k, v in body.items() if k not in ("inputs", "images")})
             if ("inputs" in body) == ("images" in body):
                 raise InputError("give exactly one of 'inputs' (an array) and 'images' (base64 image files)")
@@ -182,6 +226,8 @@ class Service:
             raise UnsupportedMedia(f"unsupported Content-Type '{ctype or 'none'}'; send application/json, "
                                    "multipart/form-data or an image/* body")
         pictures = []
+        if x is None and not images:
+            raise InputError("no inputs given (an empty list of images)")
         if images:
             if self.images is None:
                 raise InputError("this model does not take images; send 'inputs' as an array")
@@ -197,13 +243,42 @@ class Service:
             raise InputError("overlays (format png/both) need an image model")
         return codec.Request(x, target, alpha, methods, fmt, pictures)
 
+    def _json(self, raw: bytes) -> dict:
+        codec.json_guard(raw, self.limits)      # size, depth and token length, before parsing
+        return codec.parse_json_body(raw)
+
+    def _image_guard(self, i: int, data: bytes) -> None:
+        """The image's size from its header, before decoding: its decoded bytes must stay under
+        the request limit (IMAGE_FACTOR times one input's float32 bytes, at least 48 MiB)."""
+        from PIL import Image
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                bands = len(im.getbands())
+                depth = 2 if im.mode in ("I;16", "I;16B", "I;16L") else 4 if im.mode in ("I", "F") else 1
+        except Image.DecompressionBombError as e:
+            raise TooLarge(f"image {i}: {e}") from None
+        except Exception as e:   # noqa: BLE001 - any header Pillow cannot read is the client's
+            raise Malformed(f"image {i}: {len(data)} bytes that are not an image file Pillow can read "
+                            f"({type(e).__name__})") from None
+        need = w * h * max(bands, 3) * depth
+        if need > self.limits.max_image_bytes:
+            raise TooLarge(f"image {i} is {w}x{h} pixels ({need} bytes decoded); at most "
+                           f"{self.limits.max_image_bytes} bytes are accepted for this model's "
+                           f"{self.images.height}x{self.images.width} input")
+
     def _load_images(self, images: list[bytes]):
         out = []
         for i, data in enumerate(images):
+            self._image_guard(i, data)
             try:
                 out.append(self.images.load(data))
             except InputError as e:
                 raise Malformed(f"image {i}: {e}") from None
+            except Exception as e:   # noqa: BLE001 - a file Pillow fails on after its header
+                if isinstance(e, MemoryError):
+                    raise
+                raise Malformed(f"image {i}: cannot decode ({type(e).__name__}: {str(e)[:200]})") from None
         return out
 
     async def run(self, req: codec.Request) -> dict:
@@ -257,8 +332,12 @@ def _overlay(picture: np.ndarray, heat: np.ndarray, method: str) -> np.ndarray:
 
 
 def _status(e: Exception) -> tuple[int, str]:
+    if isinstance(e, TooLarge):
+        return 413, "TooLarge"
     if isinstance(e, Malformed):
         return 400, "MalformedRequest"
+    if isinstance(e, BodyTimeout):
+        return 408, "BodyTimeout"
     if isinstance(e, UnsupportedMedia):
         return 415, "UnsupportedMediaType"
     if isinstance(e, DconnxError):
@@ -311,7 +390,7 @@ def create_app(model, config: ServeConfig) -> FastAPI:
             if status >= 500 and kind == "InternalError":
                 log.exception("internal error")
                 return error_response(500, f"internal error: {type(e).__name__}: {e}", kind)
-            headers = {"Retry-After": "1"} if status == 503 else None
+            headers = {"Retry-After": "1"} if status == 503 else {"Connection": "close"} if status == 408 else None
             return error_response(status, str(e), kind, headers)
 
     @app.post("/predict")
@@ -381,5 +460,7 @@ def log_config(level: str) -> dict:
 def run(model, host: str, port: int, config: ServeConfig) -> None:
     import uvicorn
     app = create_app(model, config)
+    from .protocol import guarded_h11
     uvicorn.run(app, host=host, port=int(port), log_config=log_config(config.log_level), access_log=False,
-                limit_concurrency=config.max_connections, timeout_graceful_shutdown=5)
+                limit_concurrency=config.max_connections, timeout_graceful_shutdown=5,
+                http=guarded_h11(config.header_timeout_s))

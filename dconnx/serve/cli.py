@@ -25,7 +25,9 @@ def cmd_serve(args) -> int:
     config = ServeConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_request_samples=args.max_request_samples or min(args.max_batch, 32),
                          max_body_bytes=args.max_body_bytes, timeout_s=args.timeout, max_queue=args.max_queue,
-                         threads=args.threads, max_connections=args.max_connections, log_level=args.log_level)
+                         threads=args.threads, max_connections=args.max_connections, log_level=args.log_level,
+                         max_decoding=args.max_decoding, header_timeout_s=args.header_timeout,
+                         body_timeout_s=args.body_timeout)
     serve(args.model, args.host, args.port, config.validate())
     return 0
 
@@ -69,6 +71,13 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before a 504")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before a 503")
     p.add_argument("--max-connections", type=int, default=None, help="open connections before a 503")
+    p.add_argument("--max-decoding", type=int, default=2,
+                   help="requests read and decoded at once; the others wait (default 2)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's line and headers to arrive, else the connection closes "
+                        "with a 408 (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive, else a 408 (default 30)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default info)")

@@ -22,6 +22,100 @@ FORMATS = ("array", "png", "both")
 class Malformed(InputError):
     """The body cannot be read at all (bad JSON, base64 or image file): 400 rather than 422."""
 
+
+class TooLarge(InputError):
+    """A body or image that would need more memory than one request may use: 413."""
+
+
+# -- limits checked on the raw bytes, before anything is parsed or decoded ------------------
+MAX_JSON_DEPTH = 32        # nesting of arrays and objects (an input needs its ndim + 2)
+MAX_SHAPE_DIMS = 16        # dimensions of an encoded array's "shape"
+JSON_SLACK = 4096          # values beyond the inputs' own (options, target lists, ...)
+IMAGE_FACTOR = 64          # an upload may decode to this many times one input's float32 bytes
+MIN_IMAGE_BYTES = 48 << 20 # ... or to 48 MiB (4096 x 4096 RGB), whichever is larger
+
+
+MAX_TOKEN_CHARS = 256      # characters between two delimiters: one number with its whitespace
+MAX_ESCAPES = 4096         # backslashes in one body (base64 and options need none)
+_STRUCT = np.zeros(256, dtype=bool)
+_STRUCT[np.frombuffer(b'[]{},:"', dtype=np.uint8)] = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost, derived from the model's input (see json_guard, image_guard)."""
+    input_elements: int        # elements of one sample
+    max_samples: int           # samples in one request
+
+    @property
+    def max_values(self) -> int:
+        return self.input_elements * self.max_samples + JSON_SLACK
+
+    @property
+    def max_image_bytes(self) -> int:
+        return max(IMAGE_FACTOR * self.input_elements * 4, MIN_IMAGE_BYTES)
+
+
+def json_guard(body: bytes, limits: Limits) -> None:
+    """Refuse a JSON body whose parse would cost more than its inputs can need, before parsing.
+
+    Checked on the bytes with vectorized scans over the structural characters only (strings
+    and their escapes honoured): the number of values (commas and brackets) against
+    `limits.max_values`, the nesting depth against MAX_JSON_DEPTH and the length of every token
+    between delimiters (a number, true/false/null and the whitespace around it) against
+    MAX_TOKEN_CHARS. So json.loads never builds more Python objects than one request's inputs
+    need (about 32 bytes each), never recurses deeply and never converts a huge integer.
+    """
+    arr = np.frombuffer(body, dtype=np.uint8)
+    if arr.size == 0:
+        return
+    struct = _STRUCT[arr]
+    n_struct = int(np.count_nonzero(struct))
+    if n_struct > 3 * limits.max_values + JSON_SLACK:
+        raise TooLarge(f"the JSON body has {n_struct} brackets, commas, colons and quotes; one request of this "
+                       f"model needs at most {3 * limits.max_values + JSON_SLACK} "
+                       f"({limits.max_samples} samples of {limits.input_elements} values)")
+    pos = np.flatnonzero(struct)
+    chars = arr[pos]
+    is_quote = chars == 34
+    if is_quote.any():
+        n_backslash = int(np.count_nonzero(arr == 92))
+        if n_backslash > MAX_ESCAPES:
+            raise Malformed(f"the JSON body has {n_backslash} backslashes; at most {MAX_ESCAPES} are accepted")
+        if n_backslash:
+            for i in np.flatnonzero(is_quote):
+                j = int(pos[i]) - 1
+                while j >= 0 and arr[j] == 92:
+                    j -= 1
+                if (int(pos[i]) - 1 - j) % 2:       # an odd run of backslashes: an escaped quote
+                    is_quote[i] = False
+        qpos = pos[is_quote]
+        rank = np.searchsorted(qpos, pos)           # real quotes strictly before each position
+        keep = is_quote | (rank % 2 == 0)           # quotes, and the delimiters outside strings
+        pos, chars, is_quote = pos[keep], chars[keep], is_quote[keep]
+        opening = np.zeros(pos.shape, dtype=bool)
+        opening[np.flatnonzero(is_quote)[0::2]] = True
+    else:
+        opening = np.zeros(pos.shape, dtype=bool)
+    opens = (chars == 91) | (chars == 123)
+    closes = (chars == 93) | (chars == 125)
+    values = int(np.count_nonzero(chars == 44)) + int(np.count_nonzero(opens))
+    if values > limits.max_values:
+        raise TooLarge(f"the JSON body holds about {values} values; one request of this model needs at most "
+                       f"{limits.max_values} ({limits.max_samples} samples of {limits.input_elements})")
+    if opens.any():
+        deepest = int(np.cumsum(opens.astype(np.int32) - closes.astype(np.int32)).max())
+        if deepest > MAX_JSON_DEPTH:
+            raise Malformed(f"the JSON body is nested {deepest} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    edges = np.concatenate(([-1], pos, [arr.size]))
+    gaps = np.diff(edges) - 1
+    gaps[1:][opening] = 0                           # the inside of a string is not a token
+    longest = int(gaps.max())
+    if longest > MAX_TOKEN_CHARS:
+        raise Malformed(f"a token (number, literal or whitespace) of {longest} characters; at most "
+                        f"{MAX_TOKEN_CHARS} are accepted")
+
+
 ARRAY_DTYPES = ("float32", "float64", "float16")
 
 
@@ -57,8 +151,12 @@ def decode_array(obj) -> np.ndarray:
         if dtype not in ARRAY_DTYPES:
             raise InputError(f"dtype '{dtype}' is not one of {', '.join(ARRAY_DTYPES)}")
         shape = obj["shape"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise InputError(f"shape must be a list of nonnegative integers, got {shape!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise InputError(f"shape must be a list of nonnegative integers, got {str(shape)[:200]}")
+        if len(shape) > MAX_SHAPE_DIMS:
+            raise InputError(f"shape has {len(shape)} dimensions; at most {MAX_SHAPE_DIMS} are accepted")
+        if not isinstance(obj["b64"], str):
+            raise Malformed("'b64' must be a base64 string")
         try:
             raw = base64.b64decode(obj["b64"], validate=True)
         except (binascii.Error, TypeError, ValueError) as e:
@@ -87,6 +185,8 @@ def parse_json_body(body: bytes) -> dict:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Malformed(f"the body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:     # over-long integers, nesting (json_guard refuses both first)
+        raise Malformed(f"the body is not usable JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise Malformed("the JSON body must be an object, e.g. {\"inputs\": ...}")
     return obj
@@ -95,6 +195,8 @@ def parse_json_body(body: bytes) -> dict:
 def _ints(value, name: str) -> np.ndarray | None:
     if value is None or value == "":
         return None
+    if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+        raise InputError(f"{name} must be an integer or a list of integers, got {value!r}")
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
     try:
@@ -120,6 +222,8 @@ def parse_options(ex, opts: dict, n: int, route: str) -> tuple:
     alpha = opts.get("alpha")
     if alpha is not None and alpha != "":
         try:
+            if isinstance(alpha, (bool, list, dict)):
+                raise TypeError
             alpha = float(alpha)
         except (TypeError, ValueError):
             raise InputError(f"alpha must be a number, got {alpha!r}") from None

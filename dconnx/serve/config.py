@@ -17,6 +17,9 @@ class ServeConfig:
     threads: int | None = None       # onnxruntime intra-op threads (default: onnxruntime's)
     providers: tuple | None = None   # onnxruntime providers (default: CUDA when usable, then CPU)
     max_connections: int | None = None   # uvicorn's limit_concurrency (more → 503)
+    max_decoding: int = 2            # requests whose bodies are read and decoded at once (others wait)
+    header_timeout_s: float = 10.0   # a connection's request line and headers must arrive within this
+    body_timeout_s: float = 30.0     # a request's body must arrive within this once it is read (more → 408)
     log_level: str = "info"
 
     def validate(self) -> "ServeConfig":
@@ -26,6 +29,10 @@ class ServeConfig:
         if self.max_request_samples > self.max_batch:
             raise OptionError(f"max_request_samples ({self.max_request_samples}) cannot exceed "
                               f"max_batch ({self.max_batch})")
+        if int(self.max_decoding) < 1:
+            raise OptionError(f"max_decoding must be at least 1, got {self.max_decoding}")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise OptionError("header_timeout_s and body_timeout_s must be > 0")
         if self.max_delay_ms < 0 or self.timeout_s <= 0:
             raise OptionError("max_delay_ms must be >= 0 and timeout_s > 0")
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -36,13 +36,21 @@ def cast_model(model: onnx.ModelProto, to: int, keep_io: bool = False) -> onnx.M
     boundary = {vi.name for vi in g.input} if keep_io else set()
     # float operands whose type the op fixes (Resize's roi and scales are float32 in every model)
     fixed = {node.input[i] for node in g.node for i in FIXED_FLOAT32_OPERANDS.get(node.op_type, ())
-             if i < len(node.input)}
+             if i < len(node.input) and node.input[i]}
+    producer = {o: node for node in g.node for o in node.output}
+    stack = list(fixed)
+    while stack:           # and the constant subgraph that computes them (an export without folding)
+        node = producer.get(stack.pop())
+        if node is not None:
+            new = [i for i in node.input if i and i not in fixed]
+            fixed.update(new)
+            stack += new
     for t in g.initializer:
         if t.data_type in FLOATS and t.data_type != to and t.name not in boundary | fixed:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np_to), t.name))
     for node in g.node:
         for a in node.attribute:
-            if a.name == "to" and node.op_type == "Cast" and a.i in FLOATS:
+            if a.name == "to" and node.op_type == "Cast" and a.i in FLOATS and not set(node.output) & fixed:
                 a.i = to
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOATS and \
                     not set(node.output) & fixed:

@@ -133,6 +133,11 @@ class Abs:
 
 
 @dataclass(frozen=True)
+class Move:
+    kind: str           # flip | steps | reflect | edge | tile | gather | expand (a fixed gather per sample)
+
+
+@dataclass(frozen=True)
 class GlobalMax:
     pass
 
@@ -254,6 +259,19 @@ def pool_shape(shape, p):
     return (c, out_size(h, p.k, p.stride, p.pad, dil, p.ceil), out_size(w, p.k, p.stride, p.pad, dil, p.ceil))
 
 
+def move_shape(shape, m: Move):
+    c, h, w = shape
+    return {"steps": (c, (h + 1) // 2, w // 2), "reflect": (c, h + 2, w + 1), "edge": (c, h + 2, w + 1),
+            "tile": (2 * c, h, w), "gather": (3, h, w), "expand": (2, h, w)}.get(m.kind, shape)
+
+
+_MOVES = {"flip": lambda x: x.flip(3), "steps": lambda x: x[:, :, ::2, 1::2],
+          "reflect": lambda x: F.pad(x, (1, 0, 1, 1), mode="reflect"),
+          "edge": lambda x: F.pad(x, (0, 1, 2, 0), mode="replicate"), "tile": lambda x: x.repeat(1, 2, 1, 1),
+          "gather": lambda x: x[:, [-1, 0, -1]],
+          "expand": lambda x: x[:, :1].expand(-1, 2, -1, -1)}
+
+
 def convt_out(n: int, l: ConvT) -> int:
     return (n - 1) * l.stride - 2 * l.pad + l.dil * (l.k - 1) + l.outpad + 1
 
@@ -285,7 +303,7 @@ def block(draw, shape):
     """One body element for `shape`; returns (layers, new shape)."""
     c, h, w = shape
     kinds = ["conv", "conv", "conv", "act", "act", "bn", "pool", "affine", "pad", "dropout",
-             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax"]
+             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax", "move"]
     if c >= 2:
         kinds.append("slice")
     if max(h, w) <= 6:
@@ -308,6 +326,10 @@ def block(draw, shape):
         return [MaxMin(draw(st.sampled_from(["max", "min"])), draw(conv_layer(shape, same=True, out=c)))], shape
     if kind == "abs":
         return [Abs()], shape
+    if kind == "move":
+        moves = ["flip", "tile", "gather", "expand"] + (["steps", "reflect", "edge"] if min(h, w) >= 2 else [])
+        m = Move(draw(st.sampled_from(moves)))
+        return [m], move_shape(shape, m)
     if kind == "gmax":
         return [GlobalMax()], (c, 1, 1)
     if kind == "conv":
@@ -543,6 +565,9 @@ def _layers(layers, c: int):
             mods.append(_MaxMin(branch, l.op))
         elif isinstance(l, Abs):
             mods.append(_Fn(torch.abs))
+        elif isinstance(l, Move):
+            mods.append(_Fn(_MOVES[l.kind]))
+            c = move_shape((c, 4, 4), l)[0]
         elif isinstance(l, GlobalMax):
             mods.append(nn.AdaptiveMaxPool2d(1))
         else:

@@ -256,7 +256,7 @@ def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
             if st > 0:
                 s = min(max(s + dim if s < 0 else s, 0), dim)
                 e = min(max(e + dim if e < 0 else e, 0), dim)
-                out = out.narrow(ax, s, max(e - s, 0))
+                out = out.narrow(ax, s, max(e - s, 0)) if st == 1 else out.index_select(ax, torch.arange(s, e, st))
             else:
                 s = min(max(s + dim if s < 0 else s, -1), dim - 1)
                 e = min(max(e + dim if e < 0 else e, -1), dim - 1)
@@ -267,7 +267,22 @@ def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
         pads = x[1].tolist()
         nd = x[0].dim()
         val = float(x[2]) if len(x) > 2 and x[2] is not None else 0.0
+        mode = a.get("mode", "constant")
+        if mode != "constant":      # torch pads at most the last three axes in these modes
+            fp = _pads(pads, nd)
+            while len(fp) > 2 and not any(fp[-2:]):
+                fp = fp[:-2]
+            return F.pad(x[0], fp, mode={"edge": "replicate"}.get(mode, mode))
         return F.pad(x[0], _pads(pads, nd), value=val)
+    if op == "Tile":
+        return x[0].repeat(*[int(v) for v in x[1].tolist()])
+    if op == "DepthToSpace":
+        bs = a["blocksize"]
+        n, c, h, w = x[0].shape
+        if a.get("mode", "DCR") == "CRD":
+            return F.pixel_shuffle(x[0], bs)
+        t = x[0].reshape(n, bs, bs, c // bs ** 2, h, w).permute(0, 3, 4, 1, 5, 2)
+        return t.reshape(n, c // bs ** 2, h * bs, w * bs)
     if op == "Reshape":
         shape = [int(v) for v in x[1].tolist()]
         if not a.get("allowzero", 0):
@@ -307,7 +322,10 @@ def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
         assert a.get("reduction") == "add"
         return x[0].scatter_add(a.get("axis", 0), x[1], x[2])
     if op == "Gather":
-        return torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1)).reshape(
+        ax = a.get("axis", 0) % x[0].dim()
+        idx = x[1].reshape(-1)
+        idx = torch.where(idx < 0, idx + x[0].shape[ax], idx)     # negative indices count from the end
+        return torch.index_select(x[0], ax, idx).reshape(
             (*x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:]))
     if op == "Mod":
         return torch.remainder(x[0], x[1])

@@ -39,8 +39,8 @@ from hypothesis import strategies as st
 
 import dconnx
 import onnx_torch
-from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, NetSpec,
-                         Pad, Residual, Upsample,
+from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, Move,
+                         NetSpec, Pad, Residual, Upsample,
                          export_exact, export_spec, graph_autograd, input_for, net_specs, reference_module,
                          relu_only)
 from helpers import session
@@ -267,6 +267,23 @@ def test_regression_new_exact_ops():
     spec = NetSpec((2, 3, 3), body, Head("flatten", 3, hidden=4), seed=3)
     check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
     check(spec, dict(_OPTS, share_forward=False, maxpool="dc", stabilize="none"), 2, 0.0, np.array([1, 1]))
+    # BatchNorm kept as a node: the export without constant folding computes Resize's scales
+    # from Constants, which the float64 cast must leave float32
+    spec = NetSpec((1, 3, 3), (Conv(2, (1, 1), 1, 0, 1, 1, False), Act("relu"), BN(), Upsample("nearest", 2)),
+                   Head("flatten", 1), seed=0)
+    check(spec, dict(_OPTS, share_forward=False), 2, 0.3, np.array([0, 0]))
+
+
+def test_regression_gather_type_moves():
+    """A fixed example of every gather-type data movement (flip, strided slice, reflect and edge
+    pads, tile, gather with a repeated index, expand) between Conv/Relu layers."""
+    body = (Conv(3, (3, 3), 1, 1, 1, 1, True), Act("relu"), Move("reflect"), Move("flip"), Move("gather"),
+            Conv(2, (1, 1), 1, 0, 1, 1, True), Move("edge"), Move("tile"), Act("relu"), Move("steps"),
+            Move("expand"), Conv(2, (3, 3), 1, 1, 1, 1, True))
+    spec = NetSpec((2, 6, 5), body, Head("flatten", 3), seed=5)
+    check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
+    check(spec, dict(_OPTS, share_forward=False, stabilize="none", relu_backward="sum"), 2, 0.0,
+          np.array([1, 1]))
 
 
 def test_regression_deep_mixed_example():

@@ -668,6 +668,8 @@ class _Builder:
             pad = self.cval(_get(args, kwargs, 1, "pad", None))
             mode = self.cval(_get(args, kwargs, 2, "mode", "constant"))
             value = self.cval(_get(args, kwargs, 3, "value", None))
+            if mode in ("reflect", "replicate"):    # a fixed gather: each stream padded alike
+                return self.nonneg("move", node, [a0], lambda t: F.pad(t, list(pad), mode), f"pad {mode}")
             if mode != "constant" or value not in (None, 0, 0.0):
                 raise UnsupportedModelError(f"{node.name}: only zero padding is supported")
             return self.nonneg("move", node, [a0], lambda t: F.pad(t, list(pad)), f"pad {list(pad)}")
@@ -706,7 +708,8 @@ class _Builder:
         if fname in ("softmax", "log_softmax"):
             return self.softmax(node, a0)
         if fname in ("flatten", "view", "reshape", "squeeze", "unsqueeze", "permute",
-                     "transpose", "expand_as", "view_as", "reshape_as") or tgt is operator.getitem:
+                     "transpose", "expand_as", "view_as", "reshape_as", "flip", "repeat",
+                     "expand") or tgt is operator.getitem:
             return self.movement(node, fname, tgt, args, kwargs, a0)
         if fname in ("mean", "sum"):
             dim = self.cval(_get(args, kwargs, 1, "dim", None))

@@ -1,7 +1,8 @@
 """Stream and sensitivity magnitudes of deep converted models (docs/reliability.md, "Numerical limits").
 
 For VGG16 and ResNet50 (torchvision, random He-initialised weights, randomized BatchNorm,
-224×224) and a 100-layer plain CNN (16 channels, 32×32), converted with and without
+224×224), a 100-layer plain CNN (16 channels, 32×32) and the gated nets EfficientNet-B0,
+MobileNetV3-Large, RegNetY-400MF and an SE-ResNet50 (224×224; `--models efficientnet_b0,...`), converted with and without
 recentering, at α = 0 and 0.35, in float32 and in float16 emulated as on a GPU (every tensor
 rounded to float16, arithmetic in float32), this measures the largest |value| of the original
 activations, of the forward DC streams and of the sensitivities, the largest |δ| at the input,
@@ -9,7 +10,8 @@ the relative error of g − h against the logits, and the first tensor that is n
 runs the real float16 conversion (`precision="float16"`) on onnxruntime's CPU provider and
 compares its SplitGrad map with float32's.
 
-    .venv/bin/python benchmarks/stream_magnitudes.py [--models vgg16,resnet50,plain100] [--out DIR]
+    .venv/bin/python benchmarks/stream_magnitudes.py [--models vgg16,resnet50,plain100,efficientnet_b0,
+        mobilenet_v3_large,regnet_y_400mf,se_resnet50] [--out DIR]
 
 Prints a markdown table and writes DIR/stream_magnitudes.json (default benchmarks/out/).
 """
@@ -35,7 +37,40 @@ from helpers import export  # noqa: E402
 from test_numerics import measure, plain_cnn  # noqa: E402
 
 
+GATED = ("efficientnet_b0", "mobilenet_v3_large", "regnet_y_400mf", "se_resnet50")
+
+
+def gated_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """torchvision's gated nets (SiLU/HardSwish and squeeze-excitation gates) with random
+    weights and randomized BatchNorm statistics; se_resnet50 is torchvision's ResNet50 with a
+    squeeze-excitation gate (torchvision.ops.SqueezeExcitation, ratio 16) after each block."""
+    import torchvision
+    torch.manual_seed(seed)
+    if name == "se_resnet50":
+        m = torchvision.models.resnet50(weights=None)
+        for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+            for block in layer:
+                c = block.bn3.num_features
+                block.bn3 = torch.nn.Sequential(block.bn3, torchvision.ops.SqueezeExcitation(c, c // 16))
+    else:
+        m = getattr(torchvision.models, name)(weights=None)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.2)
+    return m.eval()
+
+
 def _model(name: str, cache: Path):
+    if name in GATED:
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        path = cache / f"{name}-224.onnx"
+        if not path.exists():
+            onnx.save(export(gated_model(name), torch.tensor(x)), path)
+        return onnx.load(str(path)), x
     if name == "plain100":
         x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
         return export(plain_cnn(100, 16), torch.tensor(x)), x

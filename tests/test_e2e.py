@@ -8,8 +8,9 @@ onnxruntime's own activation pattern (tests/regions.py; float32 tolerance).
 float64 (the same exported graph cast to double, run by the torch interpreter in
 tests/onnx_torch.py): SplitGrad at α = 0.5 equals half the channel-summed torch autograd
 gradient (through the same exported graph), SplitCAM at α = 0.5 equals half of LayerCAM on
-the input streams, for a target other than the argmax — exactly, free of float32 sign flips of pre-activations near 0; g, h
-and the three maps equal the independent float64 reference (tests/reference) on the module.
+the input streams, for a target other than the argmax — exactly, free of float32 sign flips
+of pre-activations near 0; g, h and the three maps equal the independent float64 reference
+(tests/reference) on the module.
 
 With share_forward=True (the default) the difference stream is the original activation, so
 under recentering g − h = f holds by construction: every exactness check here also runs with

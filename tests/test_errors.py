@@ -65,12 +65,13 @@ def test_unsupported_ops_are_all_listed():
     assert "never approximated" in text
 
 
-def test_product_of_data_tensors_is_refused():
+def test_division_by_a_data_tensor_is_refused():
+    """Products of data tensors convert (polarization); a data divisor has no exact rule."""
     model = _graph_with([("Relu", "r")])
     g = model.graph
-    g.node.insert(2, helper.make_node("Mul", ["t1", "t1"], ["sq"], name="square"))
-    g.node[-1].input[0] = "sq"
-    with pytest.raises(dconnx.UnsupportedOpError, match="square.*two data-dependent"):
+    g.node.insert(2, helper.make_node("Div", ["t1", "t1"], ["q"], name="ratio"))
+    g.node[-1].input[0] = "q"
+    with pytest.raises(dconnx.UnsupportedOpError, match="ratio.*division by a data-dependent tensor"):
         dconnx.convert(model)
 
 

@@ -132,17 +132,20 @@ def test_streams_and_splitgrad_match_an_independent_stream_network(name, models)
     module, model = models(name)
     x = _x()
     out = run(dconnx.convert(model, methods=("splitgrad",), stabilize="none", share_forward=False,
-                             alpha=0.0).model, x)
+                             alpha=0.0, expose=["input"]).model, x)
     xt = torch.tensor(x)
     p, n = xt.clamp(min=0).requires_grad_(), (-xt).clamp(min=0).requires_grad_()
     G, H = stream_net(module, name, p, n)
     assert np.abs(out["g"] - G.detach().numpy()).max() <= 1e-10 * float(G.abs().max())
     assert np.abs(out["h"] - H.detach().numpy()).max() <= 1e-10 * float(G.abs().max())
     k = torch.as_tensor(out["logits"].argmax(1))[:, None]
-    dgp, = torch.autograd.grad(G.gather(1, k).sum(), p, retain_graph=True)
-    dhn, = torch.autograd.grad(H.gather(1, k).sum(), n)
+    dgp, dgn = torch.autograd.grad(G.gather(1, k).sum(), (p, n), retain_graph=True)
+    dhp, dhn = torch.autograd.grad(H.gather(1, k).sum(), (p, n))
     ref = (0.5 * (dgp + dhn)).sum(1).numpy()
     assert np.abs(out["splitgrad"] - ref).max() <= 1e-9 * np.abs(ref).max()
+    for key, d in (("dpp", dgp), ("dnp", dgn), ("dpn", dhp), ("dnn", dhn)):
+        half = 0.5 * d.numpy()
+        assert np.abs(out[f"input::{key}"] - half).max() <= 1e-9 * np.abs(half).max(), key
 
 
 @pytest.mark.parametrize("name", list(NETS))

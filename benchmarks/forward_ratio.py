@@ -1,0 +1,130 @@
+"""SplitGrad (and all three heads) ÷ the original model's onnxruntime forward, per architecture.
+
+SPEC §2 puts SplitGrad at one forward plus two transposed products (about 3× a forward). For
+each model (torchvision, random weights, randomized BatchNorm, 224×224, torchscript export) and
+batch size, the original and the converted model run in one process on onnxruntime's CPU
+provider (`--threads`, default 2), two warm-up calls each, then `--rounds` interleaved rounds
+(original, splitgrad, all heads, …); the table gives each candidate's median time and its
+ratio to the original's median measured side by side.
+
+    .venv/bin/python benchmarks/forward_ratio.py [--models efficientnet_b0,mobilenet_v3_large]
+        [--batches 1,8] [--rounds 7] [--threads 2] [--out DIR]
+
+Prints a markdown table and writes DIR/forward_ratio.json (default benchmarks/out/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import torchvision_ops  # noqa: E402,F401  (before torchvision)
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
+
+import dconnx  # noqa: E402
+from dconnx.runtime import make_session  # noqa: E402
+from helpers import export  # noqa: E402
+from stream_magnitudes import GATED, gated_model  # noqa: E402
+
+PLAIN = ("vgg16", "resnet50", "densenet121", "regnet_x_400mf", "mobilenet_v2", "mnasnet1_0")
+
+
+def build(name: str) -> torch.nn.Module:
+    if name in GATED:
+        return gated_model(name)
+    import torchvision
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)(weights=None)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def first_relu_layer(model: onnx.ModelProto) -> str:
+    """The output of the first activation-like node (CAM layer "at the first Relu")."""
+    for n in model.graph.node:
+        if n.op_type in ("Relu", "HardSwish", "Sigmoid", "Mul", "Clip"):
+            return n.output[0]
+    raise ValueError("no activation")
+
+
+def timed(sess, feeds) -> float:
+    t0 = time.perf_counter()
+    sess.run(None, feeds)
+    return time.perf_counter() - t0
+
+
+def measure(name: str, batches, rounds: int, threads: int, cache: Path) -> list[dict]:
+    path = cache / f"{name}-224.onnx"
+    if not path.exists():
+        onnx.save(export(build(name), torch.zeros(1, 3, 224, 224)), path)
+    model = onnx.load(str(path))
+    cands = {"original": model,
+             "splitgrad": dconnx.convert(model, methods="splitgrad").model,
+             "all three heads": dconnx.convert(model, methods=("splitgrad", "splitcam", "splitlrp"),
+                                               layer=first_relu_layer(model)).model}
+    sessions = {k: make_session(m, ["CPUExecutionProvider"], threads=threads) for k, m in cands.items()}
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        for k, s in sessions.items():       # two warm-up calls: steady state
+            timed(s, feeds[k])
+            timed(s, feeds[k])
+        times = {k: [] for k in sessions}
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                times[k].append(timed(s, feeds[k]))
+        base = statistics.median(times["original"])
+        for k in sessions:
+            med = statistics.median(times[k])
+            rows.append(dict(model=name, batch=batch, candidate=k, median_ms=round(1000 * med, 1),
+                             ratio=round(med / base, 2)))
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+COLS = ["model", "batch", "candidate", "median_ms", "ratio"]
+
+
+def _line(row) -> str:
+    return "| " + " | ".join(str(row[c]) for c in COLS) + " |"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="efficientnet_b0,mobilenet_v3_large")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "zoo").mkdir(parents=True, exist_ok=True)
+    print(f"onnxruntime CPU provider, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"224x224, median of {args.rounds} interleaved rounds after two warm-up calls")
+    print("| " + " | ".join(COLS) + " |")
+    print("|" + "---|" * len(COLS))
+    rows = []
+    for name in args.models.split(","):
+        rows += measure(name, [int(b) for b in args.batches.split(",")], args.rounds, args.threads, out / "zoo")
+    (out / "forward_ratio.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

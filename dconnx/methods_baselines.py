@@ -137,15 +137,16 @@ _REFERENCE = {"layer": "the input only",
 register_method(Method(
     "deeplift", "Σ_c (x − x₀) ⊙ m: DeepLIFT, Rescale rule at every Relu and MaxPool", "deeplift",
     _deeplift_head, params=_REFERENCE,
-    matches="Captum 0.9 DeepLift(model).attribute(x, baselines=x₀, target=k) (its Rescale "
-            "`nonlinear` for ReLU, its `maxpool` rule, eps 1e-10); Σ = f_k(x) − f_k(x₀)"))
+    matches="Captum 0.9 DeepLift's rules (ReLU `nonlinear`, `maxpool`, eps 1e-10) composed as "
+            "defined: DeepLift(model).attribute(x, baselines=x₀, target=k) where a Clone separates "
+            "each ReLU from its MaxPool and windows do not overlap; Σ = f_k(x) − f_k(x₀) for any x₀"))
 register_method(Method(
     "deeplift_captum", "deeplift as Captum 0.9 runs on a module where a ReLU feeds a MaxPool: "
     "that ReLU rescales the max pool's plain gradient", "deeplift_captum", _deeplift_head,
     params=_REFERENCE,
     matches="Captum 0.9 DeepLift as it runs on torchvision VGG/ResNet (PyTorch's full backward "
             "hooks give a ReLU feeding a MaxPool the plain max-pool gradient); complete only "
-            "where the reference's pooled values sit at x's argmax (e.g. a constant reference)"))
+            "where x₀'s pooled values do not depend on the position in the window (e.g. x₀ = 0)"))
 register_method(Method(
     "ig", "Σ_c (x − x₀) ⊙ Σ_i w_i ∇f_k(x₀ + a_i(x − x₀)): Integrated Gradients, the steps "
           "batched in the graph", "ig", _ig_head,

@@ -45,6 +45,25 @@ def zoo_model(zoo_dir):
     return get
 
 
+@pytest.fixture(scope="session")
+def vgg16_small_onnx() -> bytes:
+    """VGG16's features at 32x32 (tests/zoo.py VGG16Small, seed 0) exported once per session
+    (TorchScript exporter, dynamic batch): VGG16's conv structure at a fraction of its weights."""
+    import io
+    import warnings
+
+    import torch
+
+    import zoo
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(zoo.build_vgg16_small(32), (torch.zeros(1, 3, 32, 32),), buf, dynamo=False,
+                          opset_version=zoo.TORCHSCRIPT_OPSET, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return buf.getvalue()
+
+
 def pytest_configure(config):
     try:
         peak_rss.limit_gb(os.environ)      # a malformed DCONNX_TEST_RSS_LIMIT_GB stops the run at once

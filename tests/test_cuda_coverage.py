@@ -19,10 +19,8 @@ onnxruntime turns them into initializers when it loads the model.
 """
 from __future__ import annotations
 
-import io
 import json
 import pathlib
-import warnings
 
 import onnx
 import pytest
@@ -158,18 +156,6 @@ FIXTURE_OPTIONS = {
 @pytest.fixture(scope="session")
 def table():
     return load_table()
-
-
-@pytest.fixture(scope="session")
-def vgg16_small_onnx():
-    model = zoo.build_vgg16_small(32)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), buf, dynamo=False,
-                          opset_version=zoo.TORCHSCRIPT_OPSET, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-    return buf.getvalue()
 
 
 def _convert(source, precision, **options):

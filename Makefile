@@ -56,6 +56,7 @@ eval-full: $(STAMP_EVAL)
 BENCH_ARGS ?=
 bench: $(STAMP_TEST)
 	$(VPY) benchmarks/run.py --threads 2 $(BENCH_ARGS)
+	$(VPY) benchmarks/serve_load.py
 
 # The CI smoke run: fixture model, batch 2, one round; checks nothing about speed.
 bench-quick: $(STAMP_TEST)

@@ -132,7 +132,8 @@ class Canonicalize(Pass):
         for rewrite in (self.remove_identity, self.strip_softmax, self.flatten_to_reshape,
                         self.reduce_mean_to_gap, self.div_to_mul, self.gemm_normalize,
                         self.matmul_add_to_gemm, self.fold_batchnorm, self.clip_to_relu,
-                        self.max_to_relu, self.selection_to_relu, self.leaky_to_relu, self.explicit_pads,
+                        self.max_to_relu, self.selection_to_relu, self.leaky_to_relu, self.expand_activation,
+                        self.explicit_pads,
                         self.row_major_maxpool):
             rewrite(ed, res)
             ed.refresh()
@@ -519,6 +520,14 @@ class Canonicalize(Pass):
             if new is not None:
                 _splice(ed, node, new)
                 res.apply(f"selection_to_relu: {node_label(node)} ({node.op_type})")
+
+    def expand_activation(self, ed: _Graph, res: PassResult):
+        """Celu and Mish into ops with kernels on every provider (dconnx/ops/smooth.py)."""
+        from dconnx.ops.smooth import expand_node
+        for node in list(ed.g.node):
+            if node.op_type in rewritten_by("expand_activation") and ed.view.is_data(node.input[0]):
+                _splice(ed, node, expand_node(ed.view, node, ed.fresh, ed.add_init))
+                res.apply(f"expand_activation: {node_label(node)} ({node.op_type})")
 
     def leaky_to_relu(self, ed: _Graph, res: PassResult):
         view = ed.view

@@ -42,10 +42,9 @@ pytestmark = [
 ]
 
 # Op types whose nodes may run on the CPU provider, each with its reason. None in the zoo models.
-# Outside them: a model's own Celu node is kept as it is and onnxruntime's CUDA provider has no
-# Celu kernel (test_celu_is_the_known_fallback); Mish, SiLU and GELU export as supported ops.
+# A model's own Celu (onnxruntime's CUDA provider has no Celu kernel) is rewritten into Elu
+# (test_celu_leaves_no_fallback); Mish, SiLU and GELU export as supported ops.
 ALLOWED: dict[str, str] = {}
-KNOWN_OUTSIDE_THE_ZOO = {"Celu": "no CUDA kernel in onnxruntime; the converter keeps the model's node"}
 
 
 def load_table(path=TABLE) -> dict:
@@ -231,15 +230,18 @@ def test_table_names_its_source_and_covers_the_emitted_ops(table):
         assert kernels[op], op
 
 
-def test_celu_is_the_known_fallback(table):
-    """A Celu activation converts to a graph whose Celu node has no CUDA kernel (every other
-    node has one); the compiler keeps the model's own node. When this fails, the fallback is
-    gone: drop it from KNOWN_OUTSIDE_THE_ZOO and docs/reliability.md."""
+def test_celu_leaves_no_fallback(table):
+    """A Celu activation (onnxruntime has no CUDA Celu kernel, and Celu has no float16 type) is
+    rewritten exactly into α·Elu(x/α): every node of the converted graph has a CUDA kernel, in
+    float32 and float16."""
     from helpers import export
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.CELU(),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.CELU(0.5),
                               torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Flatten(),
                               torch.nn.Linear(4 * 8 * 8, 5))
     model = export(net, torch.randn(1, 3, 8, 8))
-    found = fallbacks(_convert(model, "float32", methods="splitgrad,gradient"), table)
-    assert found and {f[1] for f in found} == set(KNOWN_OUTSIDE_THE_ZOO), found
+    assert "Celu" in {n.op_type for n in model.graph.node}
+    for precision in PRECISIONS:
+        converted = _convert(model, precision, methods="splitgrad,gradient")
+        assert "Celu" not in {n.op_type for n in converted.graph.node}
+        assert fallbacks(converted, table) == [], precision

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ..ir import attrs
-from .registry import OpSpec, op_spec
+from .registry import OpSpec, canonical_rewrite, op_spec
 from .base import set_streams
 
 INF = math.inf
@@ -185,19 +185,27 @@ def _selu(node) -> Curvature:
     return _elu_like("Selu", alpha, gamma, lambda b, x: b.op("Selu", [x], alpha=alpha, gamma=gamma))
 
 
-def _celu(node) -> Curvature:
-    alpha = float(attrs(node).get("alpha", 1.0))
+def expand_node(view, node, fresh, add_init) -> list:
+    """Canonicalization's exact replacement of an activation that onnxruntime's CUDA provider has
+    no kernel for (nor, for Celu, a float16 or float64 type):
+    Celu(x; α) = α·Elu(x/α; 1), Mish(x) = x·Tanh(Softplus(x)) (then fused as one activation)."""
+    from onnx import helper
+    x, y = node.input[0], node.output[0]
+    dt = helper.tensor_dtype_to_np_dtype(view.dtypes.get(y, 1))
+    base = node.name or y
 
-    def phi(u):
-        return max(u, 0.0) + min(0.0, alpha * math.expm1(u / alpha))
-
-    def dphi(u):
-        return 1.0 if u > 0 else math.exp(u / alpha)
-
-    def emit_dphi(b, x):
-        return b.op("Exp", [b.op("Min", [b.div(x, b.scalar(alpha)), b.scalar(0.0)])])
-    return Curvature("Celu", phi, dphi, lambda b, x: b.op("Celu", [x], alpha=alpha), emit_dphi,
-                     lo=-INF, hi=INF, slope_minus_inf=0.0, slope_plus_inf=1.0, limit_minus_inf=-alpha)
+    def mk(op_type, ins, out=None, **kw):
+        out = out or fresh(f"{y}_{op_type.lower()}")
+        nodes.append(helper.make_node(op_type, ins, [out], name=fresh(f"{base}_{op_type.lower()}"), **kw))
+        return out
+    nodes: list = []
+    if node.op_type == "Celu":
+        alpha = float(attrs(node).get("alpha", 1.0))
+        elu = mk("Elu", [mk("Mul", [x, add_init(np.asarray(1.0 / alpha, dt), f"{y}_inv_alpha")])], alpha=1.0)
+        mk("Mul", [elu, add_init(np.asarray(alpha, dt), f"{y}_alpha")], y)
+    else:
+        mk("Mul", [x, mk("Tanh", [mk("Softplus", [x])])], y)
+    return nodes
 
 
 def _gelu_erf() -> Curvature:
@@ -337,7 +345,7 @@ def _hardsigmoid(node) -> Curvature:
 
 CURVATURES: dict[str, Callable] = {
     "Sigmoid": _sigmoid, "Tanh": _tanh, "Softplus": _softplus_act, "Elu": _elu, "Selu": _selu,
-    "Celu": _celu, "Gelu": _gelu, "Mish": _mish, "HardSwish": _hardswish, "HardSigmoid": _hardsigmoid,
+    "Gelu": _gelu, "HardSwish": _hardswish, "HardSigmoid": _hardsigmoid,
 }
 
 
@@ -415,16 +423,18 @@ _DOC = {
     "Softplus": "convex rule (slopes in [0, 1])",
     "Elu": "convex rule for alpha <= 1; a concave kink at 0 split off for alpha > 1",
     "Selu": "gamma * Elu(alpha): a concave kink at 0 split off for alpha > 1",
-    "Celu": "convex rule (slopes in [0, 1])",
     "Gelu": "curvature split at +-sqrt(2) (erf form) or the tanh form's inflection points",
-    "Mish": "curvature split at its two inflection points",
     "HardSwish": "curvature split: convex on [-3, 3], concave kinks at -3 and 3",
     "HardSigmoid": "curvature split: its upper kink split off",
 }
 _CHECKS = {"Elu": _check_positive("alpha", 1.0),
            "Selu": lambda *a: _check_positive("alpha", 1.67)(*a) or _check_positive("gamma", 1.05)(*a),
-           "Celu": _check_positive("alpha", 1.0), "HardSigmoid": _check_positive("alpha", 0.2)}
+           "HardSigmoid": _check_positive("alpha", 0.2)}
 
 for _op in CURVATURES:
     op_spec(OpSpec(_op, "smooth", split=_split, backward=_backward, shift=True, recenter=True,
                    doc=_DOC[_op], check=_CHECKS.get(_op)))
+canonical_rewrite("Celu", "smooth", "alpha * Elu(x / alpha) (exact)", "expand_activation",
+                  check=_check_positive("alpha", 1.0))
+canonical_rewrite("Mish", "smooth", "x * Tanh(Softplus(x)) (exact), converted as one activation",
+                  "expand_activation")

@@ -56,7 +56,7 @@ def build(name: str) -> torch.nn.Module:
 def first_relu_layer(model: onnx.ModelProto) -> str:
     """The output of the first activation-like node (CAM layer "at the first Relu")."""
     for n in model.graph.node:
-        if n.op_type in ("Relu", "HardSwish", "Sigmoid", "Mul", "Clip"):
+        if n.op_type in ("Relu", "HardSwish", "Mul", "Clip"):      # (a SiLU ends in its Mul)
             return n.output[0]
     raise ValueError("no activation")
 

@@ -83,15 +83,43 @@ def pytest_runtest_protocol(item, nextitem):
     peak_rss.release_freed_memory()
 
 
-def pytest_sessionfinish(session, exitstatus):
-    """Fail the session when the pytest process's peak RSS exceeds the limit.
+_WORKER_PEAKS: dict = {}     # pytest-xdist: worker id -> (peak KiB, the tests that raised it most)
 
-    The limit is 6 GB (tests/peak_rss.py); DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides it.
-    The peaks are read here, once, and printed by pytest_terminal_summary.
+
+def pytest_testnodedown(node, error):
+    """pytest-xdist (controller): a worker's peak RSS, sent by its own pytest_sessionfinish."""
+    out = getattr(node, "workeroutput", {}) or {}
+    if "dconnx_peak_kib" in out:
+        worker = getattr(node, "workerinput", {}).get("workerid", f"gw{len(_WORKER_PEAKS)}")
+        _WORKER_PEAKS[worker] = (out["dconnx_peak_kib"], out["dconnx_top"])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a pytest process's peak RSS exceeds the limit.
+
+    The limit is 6 GB per process (tests/peak_rss.py); DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides
+    it. Under pytest-xdist each worker is such a process: it sends its peak to the controller,
+    which checks every worker's and prints them with their sum (the machine's share). The
+    peaks are read here, once, and printed by pytest_terminal_summary.
     """
     self_kib, child_kib = peak_rss.peaks_kib()
-    message = peak_rss.over_limit(self_kib, peak_rss.limit_gb(os.environ))
-    session.config._dconnx_peak_rss = (peak_rss.summary(self_kib, child_kib), message)
+    workerout = getattr(session.config, "workeroutput", None)
+    if workerout is not None:            # an xdist worker: report to the controller
+        workerout["dconnx_peak_kib"] = self_kib
+        workerout["dconnx_top"] = _PEAKS.top()
+        return
+    limit = peak_rss.limit_gb(os.environ)
+    message = peak_rss.over_limit(self_kib, limit)
+    line = peak_rss.summary(self_kib, child_kib)
+    if _WORKER_PEAKS:
+        peaks = {w: kib for w, (kib, _) in _WORKER_PEAKS.items()}
+        worst = max(peaks, key=peaks.get)
+        message = message or peak_rss.over_limit(peaks[worst], limit)
+        line = (f"peak RSS per worker: " + ", ".join(f"{w} {peak_rss.kib_to_gb(k):.1f} GB"
+                                                    for w, k in sorted(peaks.items()))
+                + f" (sum {peak_rss.kib_to_gb(sum(peaks.values())):.1f} GB)")
+        _PEAKS.extra = _WORKER_PEAKS[worst][1]
+    session.config._dconnx_peak_rss = (line, message)
     if message and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -110,7 +138,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if line:
         wall = time.perf_counter() - _T0
         terminalreporter.write_line(f"wall time: {wall / 60:.1f} min ({wall:.0f} s); {line}")
-        if _PEAKS.raises:
-            terminalreporter.write_line("raised most by: " + "; ".join(_PEAKS.top()))
+        top = getattr(_PEAKS, "extra", None) or (_PEAKS.top() if _PEAKS.raises else None)
+        if top:
+            terminalreporter.write_line("raised most by: " + "; ".join(top))
     if message:
         terminalreporter.write_sep("=", "FAILED: " + message, red=True, bold=True)

@@ -57,6 +57,7 @@ class Guard:
 
     def __init__(self, app, config: ServeConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
+        self.in_flight = 0      # requests past their headers (--max-connections bounds them)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -102,9 +103,15 @@ class Guard:
                 body_done = True
             return message
 
+        limit_flight = self.config.max_connections
+        self.in_flight += 1
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if limit_flight and self.in_flight > limit_flight and path not in ("/healthz", "/metrics"):
+                resp = error_response(503, f"more than {limit_flight} requests in flight "
+                                      "(dconnx serve --max-connections)", "ServerBusy", {"Retry-After": "1"})
+                await resp(scope, receive, send_tagged)
+            elif declared is not None and declared.isdigit() and int(declared) > limit:
                 # read what was sent (up to a bound) so the client sees the 413, not a reset connection
                 await _drain(receive, max(4 * limit, 64 << 20))
                 resp = error_response(413, f"the body has {int(declared)} bytes; at most {limit} are "
@@ -113,6 +120,7 @@ class Guard:
             else:
                 await self.app(scope, limited_receive, send_tagged)
         finally:
+            self.in_flight -= 1
             seconds = time.perf_counter() - t0
             self.metrics.observe_request(route, status, seconds)
             client = scope.get("client") or ("", 0)
@@ -462,5 +470,6 @@ def run(model, host: str, port: int, config: ServeConfig) -> None:
     app = create_app(model, config)
     from .protocol import guarded_h11
     uvicorn.run(app, host=host, port=int(port), log_config=log_config(config.log_level), access_log=False,
-                limit_concurrency=config.max_connections, timeout_graceful_shutdown=5,
+                limit_concurrency=None if config.max_connections is None else 4 * config.max_connections,
+                timeout_graceful_shutdown=5,
                 http=guarded_h11(config.header_timeout_s))

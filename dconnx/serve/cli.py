@@ -70,7 +70,8 @@ def add_deploy_parsers(sub) -> None:
                    help="largest request body before a 413 (default 16 MiB)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before a 504")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before a 503")
-    p.add_argument("--max-connections", type=int, default=None, help="open connections before a 503")
+    p.add_argument("--max-connections", type=int, default=None, help="requests in flight before a 503 (/healthz and /metrics exempt); open "
+                   "connections are capped at 4x this")
     p.add_argument("--max-decoding", type=int, default=2,
                    help="requests read and decoded at once; the others wait (default 2)")
     p.add_argument("--header-timeout", type=float, default=10.0,

@@ -16,7 +16,7 @@ class ServeConfig:
     max_queue: int = 1024            # requests waiting for a batch (more → 503)
     threads: int | None = None       # onnxruntime intra-op threads (default: onnxruntime's)
     providers: tuple | None = None   # onnxruntime providers (default: CUDA when usable, then CPU)
-    max_connections: int | None = None   # uvicorn's limit_concurrency (more → 503)
+    max_connections: int | None = None   # requests in flight (more → 503); open connections ≤ 4×
     max_decoding: int = 2            # requests whose bodies are read and decoded at once (others wait)
     header_timeout_s: float = 10.0   # a connection's request line and headers must arrive within this
     body_timeout_s: float = 30.0     # a request's body must arrive within this once it is read (more → 408)

@@ -1,7 +1,7 @@
 """uvicorn's h11 protocol with a header-read timeout and JSON protocol errors.
 
 uvicorn times out idle keep-alive connections but not a request whose line and headers
-arrive a byte at a time, so such clients could hold every `--max-connections` slot. Here
+arrive a byte at a time, so such clients could hold every connection slot. Here
 each request's headers must be complete within `header_timeout` seconds of the connection
 opening (or of the previous response); otherwise the server answers 408 and closes. A
 request h11 cannot parse (e.g. `Content-Length: abc`) gets a JSON 400 like every other error.

@@ -209,6 +209,9 @@ CASES += [
 
 BY_NAME = {c.name: c for c in CASES}
 
+# ops that torch never exports, tested on graphs built in tests/test_ops_new.py
+GRAPH_CASE_OPS = ("SpaceToDepth",)
+
 # smooth and kinked activations (dconnx/ops/smooth.py), behind a Conv; float32-exact parameters.
 # The Gelu and Mish ops come from the dynamo exporter (torchscript decomposes them).
 def _conv_act(act):

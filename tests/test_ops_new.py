@@ -212,3 +212,44 @@ def test_nary_ops_float64(op):
         assert rel_err(out["g"] - out["h"], fx.detach().numpy()) < 1e-12
         recon = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
         assert rel_err(recon, xt.grad.numpy()) < 1e-12
+
+
+def _space_to_depth(x, bs):
+    """ONNX SpaceToDepth (written from the operator's definition)."""
+    n, c, h, w = x.shape
+    t = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    return t.reshape(n, c * bs * bs, h // bs, w // bs)
+
+
+def test_space_to_depth_float64():
+    """Relu → SpaceToDepth → ·w (both signs): g − h and the reconstructed gradient against torch
+    float64 autograd of the operator's definition, at α = 0 and 0.5 (torch exports no
+    SpaceToDepth: the graph is built here)."""
+    shape, bs = (2, 3, 4, 6), 2
+    rng = np.random.default_rng(6)
+    out_shape = (shape[1] * bs * bs, shape[2] // bs, shape[3] // bs)
+    w = rng.standard_normal(out_shape)
+    k = int(np.prod(out_shape))
+    D = TensorProto.DOUBLE
+    nodes = [helper.make_node("Relu", ["input"], ["a"]),
+             helper.make_node("SpaceToDepth", ["a"], ["s"], blocksize=bs),
+             helper.make_node("Mul", ["s", "w"], ["c"]),
+             helper.make_node("Reshape", ["c", "shape"], ["logits"])]
+    g = helper.make_graph(nodes, "s2d", [helper.make_tensor_value_info("input", D, ["batch", *shape[1:]])],
+                          [helper.make_tensor_value_info("logits", D, ["batch", k])],
+                          initializer=[helper.make_tensor("w", D, w.shape, w.ravel()),
+                                       helper.make_tensor("shape", TensorProto.INT64, [2], [-1, k])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    conv = dconnx.convert(model, methods="splitgrad", share_forward=False, expose=["input"]).model
+    x = rng.standard_normal(shape)
+    xt = torch.tensor(x, requires_grad=True)
+    fx = (_space_to_depth(torch.relu(xt), bs) * torch.tensor(w)).reshape(shape[0], -1)
+    t = fx.argmax(1).numpy()          # a positive logit: its Relu is open, its gradient nonzero
+    fx.gather(1, torch.tensor(t)[:, None]).sum().backward()
+    assert np.abs(xt.grad.numpy()).max() > 0
+    for alpha in (0.0, 0.5):
+        out = run(conv, x, target=t, alpha=alpha)
+        assert rel_err(out["g"] - out["h"], fx.detach().numpy()) < 1e-12
+        recon = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
+        assert rel_err(recon, xt.grad.numpy()) < 1e-12

@@ -249,7 +249,7 @@ deflinear("Slice", "shape", _slice_map, **_MOVE, shape_op=True, check=_check_sli
           doc="constant starts/ends/axes/steps (any sign), batch axis untouched")
 deflinear("Gather", "shape", IndexMoveMap, **_MOVE, shape_op=True, check=_check_gather,
           doc="constant indices into data, not along the batch axis; the adjoint scatter-adds")
-for _op in ("Expand", "Tile", "DepthToSpace"):
+for _op in ("Expand", "Tile", "DepthToSpace", "SpaceToDepth"):
     deflinear(_op, "shape", IndexMoveMap, **_MOVE, shape_op=_op in ("Expand", "Tile"), check=_check_move,
               doc="constant operands, batch axis kept; the adjoint scatter-adds every copy back")
 

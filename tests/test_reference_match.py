@@ -28,15 +28,16 @@ def _converted(module, x, layer=None, expose=("input",), **opts):
                           **opts).model
 
 
-def _check(out, res, prefix, key, tol=TIGHT):
+def _check(out, res, prefix, key, tol=TIGHT, tol_relevance=None):
     p, n = res.streams[key]
     assert rel_err(out[f"{prefix}::p"], p.numpy()) < tol
     assert rel_err(out[f"{prefix}::n"], n.numpy()) < tol
     for i, name in enumerate(("dpp", "dnp", "dpn", "dnn")):
         assert rel_err(out[f"{prefix}::{name}"], res.sens[key][i].numpy()) < tol, name
     rgp, rgn, rhp, rhn = (r.numpy() for r in res.relevance[key])
-    assert rel_err(out[f"{prefix}::Rp"], rgp - rhp) < tol
-    assert rel_err(out[f"{prefix}::Rn"], rgn - rhn) < tol
+    tol_relevance = tol_relevance or tol
+    assert rel_err(out[f"{prefix}::Rp"], rgp - rhp) < tol_relevance
+    assert rel_err(out[f"{prefix}::Rn"], rgn - rhn) < tol_relevance
 
 
 def _check_heads(out, res, key, size, tol=TIGHT):
@@ -54,6 +55,9 @@ def _modes(case):
 def test_op_table_matches_reference(case, stabilize):
     # LeakyRelu's slope is a float32 attribute in ONNX: 0.1 differs from the torch module's by 1.5e-9
     tol = 1e-7 if case.name == "leaky_relu" else TIGHT
+    # relu(a − b) of two data branches: the ε-rule (ε = 1e-6) divides by stream sums near 0 there,
+    # which amplifies float64 rounding of the relevance (measured up to 1.7e-9)
+    tol_relevance = 1e-8 if case.name in ("max_two_data", "min_two_data", "reduce_min_h") else tol
     module = case.module().double()
     x = np.random.default_rng(3).standard_normal(case.shape)
     for maxpool in _modes(case):
@@ -65,9 +69,9 @@ def test_op_table_matches_reference(case, stabilize):
                           relu_backward=mode, layers=["input"])
             assert rel_err(out["g"], res.g.numpy()) < tol
             assert rel_err(out["h"], res.h.numpy()) < tol
-            _check(out, res, "input", "input", tol)
+            _check(out, res, "input", "input", tol, tol_relevance)
             if x.ndim == 4:
-                _check_heads(out, res, "input", x.shape[2:], tol)
+                _check_heads(out, res, "input", x.shape[2:], tol_relevance)
 
 
 VGG_SIZE = 64     # float64 at 224x224 peaked at 12.6 GB; at 64 the layers are 32, 16, 16 and 4 pixels

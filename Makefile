@@ -27,10 +27,13 @@ venv: $(STAMP_RT)
 demo: $(STAMP_RT)
 	$(VPY) -m dconnx.demo --out demo-out
 
-# Prints the session's wall time and peak RSS and fails above 6 GB (DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides;
+# Two pytest-xdist workers (each test file on one worker, so that its module fixtures are built
+# once); PYTEST_WORKERS=0 runs in one process. Prints the session's wall time and each worker's
+# peak RSS, and fails when one exceeds 6 GB (DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides;
 # tests/conftest.py, tests/peak_rss.py).
+PYTEST_WORKERS ?= 2
 test: $(STAMP_TEST)
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -263,6 +263,10 @@ class Canonicalize(Pass):
             if node.op_type in WINDOW_POOLS and _is_identity_pool(node):
                 if len(node.output) > 1 and node.output[1]:
                     continue
+            elif node.op_type in rewritten_by("remove_same_type_cast"):
+                to, src_type = attrs(node).get("to"), ed.view.dtypes.get(node.input[0])
+                if not ed.view.is_data(node.input[0]) or to != src_type:
+                    continue       # integer shape arithmetic, or (refused in preflight) a float change
             elif node.op_type not in rewritten_by("remove_identity"):
                 continue
             if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and \

@@ -43,13 +43,10 @@ def build(name: str) -> torch.nn.Module:
     if name in GATED:
         return gated_model(name)
     import torchvision
+    import zoo
     torch.manual_seed(0)
     m = getattr(torchvision.models, name)(weights=None)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.running_mean.normal_(0, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
+    zoo._randomize(m, 0)          # the test zoo's BatchNorm statistics and biases
     return m.eval()
 
 

@@ -54,13 +54,8 @@ def gated_model(name: str, seed: int = 0) -> torch.nn.Module:
                 block.bn3 = torch.nn.Sequential(block.bn3, torchvision.ops.SqueezeExcitation(c, c // 16))
     else:
         m = getattr(torchvision.models, name)(weights=None)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.running_mean.normal_(0, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
+    import zoo
+    zoo._randomize(m, seed)       # the test zoo's BatchNorm statistics and biases
     return m.eval()
 
 

@@ -8,6 +8,7 @@ import torch
 
 import dconnx
 import onnx_torch
+import zoo
 from helpers import export, run, torch_grad
 
 SIZE = 64
@@ -18,13 +19,7 @@ def hrnet():
     import timm
     torch.manual_seed(0)
     m = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=10).eval()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.running_mean.normal_(0, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
+    zoo._randomize(m, 0)          # the test zoo's BatchNorm statistics and biases
     return m
 
 

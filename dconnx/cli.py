@@ -150,7 +150,8 @@ def cmd_explain(args) -> int:
             ex = Explainer(args.model)
             done = explain_image(ex, args.image, args.output, target=args.target, alpha=args.alpha,
                                  methods=args.methods, mean=_floats(args.mean), std=_floats(args.std),
-                                 labels=args.labels, cmap=args.cmap, overlay=args.overlay)
+                                 labels=args.labels, cmap=args.cmap, overlay=args.overlay,
+                                 region=args.region)
         finally:
             for w in caught:
                 print(f"dconnx: warning: {w.message}", file=sys.stderr)
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG to write (raw maps go beside it as .npy)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the argmax)")
     p.add_argument("--alpha", type=float, default=None, help="alpha (default: the model's)")
+    p.add_argument("--region", default=None, help="dense (segmentation) outputs: the positions the "
+                   "class is summed over, a box x0,y0,x1,y1 or a mask image of the output's size "
+                   "(nonzero = in; default: every position)")
     p.add_argument("--methods", default=None, help="comma list: a subset of the model's methods "
                    "(default: all)")
     p.add_argument("--mean", default=None, help="input normalization mean (default: recorded by convert, "

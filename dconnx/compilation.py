@@ -116,6 +116,9 @@ class Compilation:
     alpha_input: str = ""
     target_resolved: str = ""     # int64 [batch]: the explained class per sample
     seed: str = ""                # one-hot [batch, classes] of the explained logit
+                                  # (dense outputs: ⊗ the region, shaped like the output)
+    region_input: str = ""        # dense outputs: the `region` mask input [batch, *spatial]
+    region_mask: str = ""         # that mask as [batch|1, 1, *spatial], broadcast over classes
     inject_input: str = ""        # the `inject` input when the walk starts at a hidden layer
     shift_factor: str = ""        # 1 − 2α, from the alpha input
     zero_streams: set = field(default_factory=set)   # stream tensors that are structurally 0

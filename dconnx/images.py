@@ -100,6 +100,41 @@ def decoded_source(data: bytes, max_pixels: int = MAX_PIXELS) -> io.BytesIO:
     return io.BytesIO(data)
 
 
+def region_mask(spec, size) -> np.ndarray:
+    """A region for a dense output of spatial size [H, W], as a float32 0/1 mask [H, W]: a box
+    "x0,y0,x1,y1" (or a 4-tuple; pixel columns x0..x1−1, rows y0..y1−1, clipped to the output)
+    or a mask image file (nonzero = in; its size must be [H, W]: it is not resized)."""
+    if len(size) != 2:
+        raise InputError(f"a box or mask image is a 2-d region; the output's spatial size is {list(size)}")
+    h, w = (int(d) for d in size)
+    box = spec
+    if isinstance(spec, str) and not Path(spec).is_file() and spec.count(",") == 3:
+        try:
+            box = tuple(int(v) for v in spec.split(","))
+        except ValueError:
+            raise InputError(f"region box '{spec}' is not four integers x0,y0,x1,y1") from None
+    if isinstance(box, (tuple, list)):
+        if len(box) != 4:
+            raise InputError(f"a region box is x0,y0,x1,y1; got {box!r}")
+        x0, y0, x1, y1 = (int(v) for v in box)
+        if not (0 <= x0 < x1 and 0 <= y0 < y1 and x0 < w and y0 < h):
+            raise InputError(f"region box {x0},{y0},{x1},{y1} is empty or outside the output's "
+                             f"{w}x{h} positions (x0 < x1, y0 < y1, x0 < {w}, y0 < {h})")
+        m = np.zeros((h, w), np.float32)
+        m[y0:y1, x0:x1] = 1.0
+        return m
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"region '{spec}' is neither a box x0,y0,x1,y1 nor a mask image file")
+    from PIL import Image
+    with Image.open(decoded_source(path.read_bytes())) as im:
+        arr = np.asarray(im.convert("L"))
+    if arr.shape != (h, w):
+        raise InputError(f"region mask '{path.name}' is {arr.shape[1]}x{arr.shape[0]} pixels; the "
+                         f"explained output is {w}x{h} (masks are not resized)")
+    return (arr != 0).astype(np.float32)
+
+
 def list_images(folder) -> list[Path]:
     """Image files under folder (recursive), in a stable order."""
     root = Path(folder)
@@ -218,7 +253,7 @@ def select_methods(ex, methods=None) -> list[str]:
 
 
 def explain_image(ex, image, output, *, target=None, alpha=None, methods=None, mean=None, std=None,
-                  labels=None, cmap=None, overlay=None) -> ImageExplanation:
+                  labels=None, cmap=None, overlay=None, region=None) -> ImageExplanation:
     """Explain one image file with a converted model (an Explainer): writes the panel PNG at
     `output` and the raw maps beside it (`<stem>.npy`, or `<stem>.<method>.npy` for several).
 
@@ -238,9 +273,9 @@ def explain_image(ex, image, output, *, target=None, alpha=None, methods=None, m
                       f"ImageNet's (mean {list(images.mean)}, std {list(images.std)}); if the model was "
                       "trained otherwise, pass --mean/--std here or to convert", PictureWarning, stacklevel=2)
     x, rgb = images.load(image, warn_aspect=True)
-    res = ex.maps(x[None], target=target, alpha=alpha)
+    res = ex.maps(x[None], target=target, alpha=alpha, region=region)
     t = int(res.target[0])
-    logit = float(res.logits.reshape(1, -1)[0, t])
+    logit = float(res.scores[0, t])     # a dense output: the class summed over the region
     name = names[t] if names else None
     title = f"{Path(str(image)).name}: class {t}{f' {name!r}' if name else ''}, logit {logit:.3g}"
     maps = {m: res[m][0] for m in chosen}

@@ -123,6 +123,13 @@ class Explainer:
         self.input_shape = inputs[self.input_name].shape
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.n_classes = self.session.get_outputs()[0].shape[-1]
+        self.region_input = self.meta.get("dconnx.region_input") or None
+        self.accepts_region = self.region_input in inputs
+        if self.accepts_region:     # a dense output [batch, classes, *spatial]
+            dense = {o.name: o.shape for o in self.session.get_outputs()}.get(self.explained)
+            if dense is not None and len(dense) > 2:
+                self.n_classes = dense[1]
+                self.region_shape = list(dense[2:])   # ints, or names where symbolic
         self.check_finite = check_finite
         self.accepts_target = self.target_input in inputs
         self.accepts_alpha = self.alpha_input in inputs
@@ -159,10 +166,47 @@ class Explainer:
             raise InputError(f"input contains {why} (first at index {where}, {int(bad.sum())} values)")
         return cast
 
-    def __call__(self, x, target=None, alpha: float | None = None) -> dict[str, np.ndarray]:
-        """Run the model: every output by name (logits, g, h, one map per method)."""
+    def check_region(self, region, n: int) -> np.ndarray:
+        """A dense model's `region` as it takes it: float [1 or n, *spatial] (a single mask gets
+        a batch axis); a box "x0,y0,x1,y1", a (x0, y0, x1, y1) tuple or a mask image path is
+        turned into a 0/1 mask first. InputError when its size is not the output's spatial size
+        (no resizing: a mask of another size is refused, not guessed)."""
+        if not self.accepts_region:
+            raise OptionError("this converted model has no `region` input (its explained output is "
+                              "not dense [batch, classes, *spatial])")
+        want = self.region_shape
+        if isinstance(region, (str, Path, tuple)) or (isinstance(region, list) and len(region) == 4
+                                                      and not isinstance(region[0], (list, tuple))):
+            if not all(isinstance(d, int) for d in want):
+                raise InputError(f"a box or mask file needs the output's spatial size, which is "
+                                 f"symbolic ({want}): pass the mask as an array")
+            from .images import region_mask
+            region = region_mask(region, want)
+        r = np.asarray(region)
+        if r.dtype == bool or r.dtype.kind in "iu":
+            r = r.astype(np.float32)
+        if r.dtype.kind != "f":
+            raise InputError(f"region must be a float or boolean mask, got {r.dtype}")
+        if r.ndim == len(want):
+            r = r[None]
+        if r.ndim != len(want) + 1 or r.shape[0] not in (1, n) or any(
+                isinstance(w, int) and g != w for g, w in zip(r.shape[1:], want)):
+            raise InputError(f"region has shape {list(r.shape)}; the explained output's spatial size "
+                             f"is {want} (a region is [{', '.join(map(str, want))}] or "
+                             f"[batch, {', '.join(map(str, want))}], one per sample or one for all)")
+        if not np.all(np.isfinite(r)):
+            raise InputError("region contains NaN or Inf")
+        dtype = _NP_TYPES.get({i.name: i for i in self.session.get_inputs()}.get(
+            self.region_input, self.session.get_inputs()[0]).type, np.float32)
+        return r.astype(dtype, copy=False)
+
+    def __call__(self, x, target=None, alpha: float | None = None, region=None) -> dict[str, np.ndarray]:
+        """Run the model: every output by name (logits, g, h, one map per method). region: for a
+        dense output, the mask the target class is summed over (default: every position)."""
         x = self.check_input(x)
         feeds = {self.input_name: x}
+        if region is not None:
+            feeds[self.region_input] = self.check_region(region, x.shape[0])
         if target is not None:
             if not self.accepts_target:
                 raise OptionError("this converted model has no `target` input (no methods requested)")
@@ -225,15 +269,24 @@ class Explainer:
             raise NumericalError(text)
         warnings.warn(NumericalWarning(text + "; the maps are finite and returned"), stacklevel=3)
 
-    def maps(self, x, target=None, alpha=None) -> "Maps":
-        """The attribution maps by method output name, with `.logits` and `.target` (the class
-        each sample was explained for: the argmax where target is None or -1)."""
-        out = self(x, target=target, alpha=alpha)
+    def maps(self, x, target=None, alpha=None, region=None) -> "Maps":
+        """The attribution maps by method output name, with `.logits`, `.scores` and `.target`
+        (the class each sample was explained for: the argmax of the scores where target is None
+        or -1). For a dense output the scores are the logits summed over the region
+        ([n, classes]); otherwise they are the logits."""
+        if region is not None:
+            region = self.check_region(region, self.check_input(x).shape[0])
+        out = self(x, target=target, alpha=alpha, region=region)
         logits = out[self.explained]
         n = logits.shape[0]
+        scores = logits.reshape(n, -1)
+        if self.accepts_region and logits.ndim > 2:
+            r = np.ones((1,) * (logits.ndim - 1), np.float64) if region is None else region
+            axes = tuple(range(2, logits.ndim))
+            scores = (logits.astype(np.float64) * np.asarray(r, np.float64)[:, None]).sum(axes)
         t = np.broadcast_to(np.atleast_1d(np.asarray(-1 if target is None else target, np.int64)), (n,))
-        t = np.where(t < 0, logits.reshape(n, -1).argmax(1), t).astype(np.int64)
-        return Maps({m: out[m] for m in self.methods}, logits=logits, target=t)
+        t = np.where(t < 0, scores.argmax(1), t).astype(np.int64)
+        return Maps({m: out[m] for m in self.methods}, logits=logits, target=t, scores=scores)
 
     @property
     def explained(self) -> str:
@@ -246,12 +299,13 @@ class Maps(dict):
     """Attribution maps by method output name (a dict), plus the `logits` [n, classes] the
     model returned and the `target` class explained per sample (int64 [n])."""
 
-    def __init__(self, maps: dict, logits: np.ndarray, target: np.ndarray):
+    def __init__(self, maps: dict, logits: np.ndarray, target: np.ndarray, scores=None):
         super().__init__(maps)
         self.logits = logits
         self.target = target
+        self.scores = logits.reshape(len(logits), -1) if scores is None else scores
 
 
-def explain(model, x, target=None, alpha=None, providers=None) -> Maps:
+def explain(model, x, target=None, alpha=None, providers=None, region=None) -> Maps:
     """One-shot: load a converted model and return its attribution maps for x."""
-    return Explainer(model, providers=providers).maps(x, target=target, alpha=alpha)
+    return Explainer(model, providers=providers).maps(x, target=target, alpha=alpha, region=region)

@@ -186,7 +186,8 @@ def _add_run_time_inputs(comp):
     """`target` (int64 [n], −1 = argmax) and `alpha` (float scalar), each with a default."""
     b = comp.b
     view = comp.view
-    k = view.shape(comp.explained)[1]
+    shape = view.shape(comp.explained)
+    k = shape[1]
     tname = b.fresh("target", exact=True)
     aname = b.fresh("alpha", exact=True)
     b.initializers.append(onnx.numpy_helper.from_array(np.asarray([-1], dtype=np.int64), tname))
@@ -194,12 +195,20 @@ def _add_run_time_inputs(comp):
     comp.new_inputs.append(onnx.helper.make_tensor_value_info(tname, onnx.TensorProto.INT64, ["target_batch"]))
     comp.new_inputs.append(onnx.helper.make_tensor_value_info(aname, comp.float_type, []))
     comp.target_input, comp.alpha_input = tname, aname
-    argmax = b.op("ArgMax", [comp.explained], axis=1, keepdims=0, hint="dc/argmax")
+    scores = comp.explained
+    if len(shape) > 2:      # dense: the class with the largest region-summed score
+        from .split import region_sum
+        scores = region_sum(comp, comp.explained, "dc/region_scores")
+    argmax = b.op("ArgMax", [scores], axis=1, keepdims=0, hint="dc/argmax")
     use_argmax = b.op("Less", [tname, b.const(np.asarray(0, dtype=np.int64))], hint="dc/target_unset")
     target = b.op("Where", [use_argmax, argmax, tname], hint="dc/target_resolved")
     comp.target_resolved = target
     values = b.const(np.asarray([0.0, 1.0], dtype=b.float_dtype), hint="onehot_values")
     comp.seed = b.op("OneHot", [target, b.const(np.asarray(k, dtype=np.int64)), values], axis=-1,
                      hint="dc/seed")
+    if len(shape) > 2:      # dense: onehot(target) ⊗ region, expanded to the output's shape
+        onehot = b.unsqueeze(comp.seed, list(range(2, len(shape))), hint="dc/seed_dense")
+        comp.seed = b.op("Expand", [b.mul(onehot, comp.region_mask), b.shape_of(comp.explained)],
+                         hint="dc/seed_region")
     comp.shift_factor = b.sub(b.scalar(1.0), b.mul(b.scalar(2.0), aname), hint="dc/one_minus_2alpha")
 

@@ -90,6 +90,7 @@ def metadata(comp) -> dict:
                                          "std": list(o.std) if o.std else None}),
         "dconnx.target_input": comp.target_input,
         "dconnx.alpha_input": comp.alpha_input,
+        **({"dconnx.region_input": comp.region_input} if comp.region_input else {}),
         **_class_names(comp),
     }
 

@@ -5,6 +5,7 @@ the converted model gains the outputs `g` and `h` (g − h = the logits).
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from dconnx.compilation import StreamPair
@@ -61,9 +62,41 @@ def choose_explained(comp) -> str:
                           f"'{node_label(prod)}'), not the probabilities '{name}'")
         name = prod.input[0]
     shape = view.shape(name)
-    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
-        raise OptionError(f"the explained output '{name}' must have shape [batch, classes]; it has {shape}")
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+        raise OptionError(f"the explained output '{name}' must have shape [batch, classes] or "
+                          f"[batch, classes, *spatial] (a dense output); it has {shape}")
     return name
+
+
+def is_dense(comp) -> bool:
+    """A dense (segmentation) output [batch, classes, *spatial]: the explained scalar is the
+    target class summed over the `region` input."""
+    return len(comp.view.shape(comp.explained)) > 2
+
+
+def add_region_input(comp) -> None:
+    """`region` (float [batch, *spatial] mask, default all ones: every position) for a dense
+    explained output; comp.region_mask is it as [batch, 1, *spatial]."""
+    b = comp.b
+    shape = comp.view.shape(comp.explained)
+    k = len(shape) - 2
+    name = b.fresh("region", exact=True)
+    b.initializers.append(onnx.numpy_helper.from_array(np.ones([1] * (1 + k), dtype=b.float_dtype), name))
+    # every dim symbolic: the default [1, 1, ...] broadcasts over the batch and the positions
+    dims = ["region_batch"] + [f"region_{i}" for i in range(k)]
+    comp.new_inputs.append(onnx.helper.make_tensor_value_info(name, comp.float_type, dims))
+    comp.region_input = name
+    comp.region_mask = b.unsqueeze(name, [1], hint="dc/region_mask")
+    comp.notes.append(f"dense output {shape}: explaining the target class summed over the input "
+                      f"'{name}' ([batch, {', '.join(str(d) for d in shape[2:])}] mask, default all ones); "
+                      "g and h are [batch, classes], region-summed")
+
+
+def region_sum(comp, t: str, hint: str) -> str:
+    """Σ over the spatial axes of t ⊙ region: [batch, classes, *spatial] -> [batch, classes]."""
+    b = comp.b
+    k = len(comp.view.shape(comp.explained)) - 2
+    return b.reduce_sum(b.mul(t, comp.region_mask), list(range(2, 2 + k)), keepdims=0, hint=hint)
 
 
 def plan_output(comp) -> None:
@@ -153,6 +186,10 @@ class Split(Pass):
         sp = comp.stream(comp.explained)
         ftype = comp.float_type
         shape = view.shape(comp.explained)
+        if is_dense(comp):
+            add_region_input(comp)
+            sp = StreamPair(region_sum(comp, sp.p, "dc/g_region"), region_sum(comp, sp.n, "dc/h_region"))
+            shape = shape[:2]
         for stream, name in ((sp.p, "g"), (sp.n, "h")):
             out = b.fresh(name, exact=True)
             b.op("Identity", [stream], out=out, hint=f"dc/{name}")

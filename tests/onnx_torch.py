@@ -165,6 +165,32 @@ def _resize(x, node, a, env):
     return x
 
 
+def _softplus(t):
+    return t.clamp(min=0) + torch.log1p(torch.exp(-t.abs()))
+
+
+def _gelu(t, a):
+    if a.get("approximate", "none") == "tanh":
+        return 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))
+    return 0.5 * t * (1 + torch.erf(t / math.sqrt(2.0)))
+
+
+# elementwise activations as the ONNX operators define them, with the attributes as stored
+_ACTIVATIONS = {
+    "Exp": lambda t, a: torch.exp(t),
+    "Erf": lambda t, a: torch.erf(t),
+    "Softplus": lambda t, a: _softplus(t),
+    "Elu": lambda t, a: torch.where(t > 0, t, a.get("alpha", 1.0) * torch.expm1(t)),
+    "Selu": lambda t, a: a.get("gamma", 1.05070102214813232421875) * torch.where(
+        t > 0, t, a.get("alpha", 1.67326319217681884765625) * torch.expm1(t)),
+    "Celu": lambda t, a: t.clamp(min=0) + (a.get("alpha", 1.0) * torch.expm1(t / a.get("alpha", 1.0))).clamp(max=0),
+    "Gelu": _gelu,
+    "Mish": lambda t, a: t * torch.tanh(_softplus(t)),
+    "HardSigmoid": lambda t, a: (a.get("alpha", 0.2) * t + a.get("beta", 0.5)).clamp(0, 1),
+    "HardSwish": lambda t, a: t * (t / 6 + 0.5).clamp(0, 1),
+}
+
+
 def run(model: onnx.ModelProto, feeds: dict) -> dict:
     """Evaluate every node in order; returns {output name: numpy array}."""
     env: dict = {}
@@ -212,6 +238,10 @@ def _eval(node, x, a, env):  # noqa: C901  (one branch per op, read as a table)
              "Sqrt": torch.sqrt, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh}
     if op in unary:
         return unary[op](x[0])
+    if op in _ACTIVATIONS:
+        return _ACTIVATIONS[op](x[0], a)
+    if op in ("LessOrEqual", "And", "Or"):
+        return {"LessOrEqual": torch.le, "And": torch.logical_and, "Or": torch.logical_or}[op](x[0], x[1])
     if op == "Dropout":
         return x[0]
     if op == "Max":

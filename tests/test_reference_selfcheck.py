@@ -926,6 +926,16 @@ def test_layer_keys_resnet18_chain_ends_at_branch():
 
 
 def test_unsupported_models_raise():
+    """Division by a data tensor and exp (unbounded slope) are refused; gates, products and a
+    trailing sigmoid convert (g − h = f)."""
+    class Div(nn.Module):
+        def forward(self, x):
+            return (x / x.abs().sum((2, 3), keepdim=True)).flatten(1)
+
+    class Exp(nn.Module):
+        def forward(self, x):
+            return torch.exp(x).flatten(1)
+
     class Gate(nn.Module):
         def __init__(self):
             super().__init__()
@@ -942,6 +952,338 @@ def test_unsupported_models_raise():
             return (x * x).flatten(1)
 
     x = torch.randn(1, 3, 8, 8)
-    for model in (Gate(), Prod(), nn.Sequential(nn.Flatten(), nn.Linear(192, 3), nn.Sigmoid())):
+    for model in (Div(), Exp()):
         with pytest.raises(ref.UnsupportedModelError):
             ref.run(model.eval(), x)
+    for model in (Gate(), Prod(), nn.Sequential(nn.Flatten(), nn.Linear(192, 3), nn.Sigmoid())):
+        res = ref.run(model.eval(), x)
+        f = copy.deepcopy(model).double()(x.double())
+        close(res.logits, f.detach())
+        close(res.g - res.h, f.detach(), scale=(res.g + res.h).max(), atol_rel=1e-13)
+
+
+# ----------------------------------------------------------------------------
+# smooth activations (curvature split) and products of two data tensors
+# ----------------------------------------------------------------------------
+
+# (module, functional form) per activation; parameters float32-exact
+SMOOTH_ACTS = {
+    "sigmoid": (nn.Sigmoid(), torch.sigmoid),
+    "tanh": (nn.Tanh(), lambda t: t.tanh()),
+    "softplus": (nn.Softplus(), F.softplus),
+    "elu": (nn.ELU(0.75), lambda t: F.elu(t, 0.75)),
+    "elu_kinked": (nn.ELU(1.75), lambda t: F.elu(t, alpha=1.75)),
+    "selu": (nn.SELU(), F.selu),
+    "celu": (nn.CELU(0.5), lambda t: F.celu(t, 0.5)),
+    "gelu": (nn.GELU(), F.gelu),
+    "gelu_tanh": (nn.GELU(approximate="tanh"), lambda t: F.gelu(t, approximate="tanh")),
+    "silu": (nn.SiLU(), F.silu),
+    "mish": (nn.Mish(), F.mish),
+    "hardswish": (nn.Hardswish(), F.hardswish),
+    "hardsigmoid": (nn.Hardsigmoid(), F.hardsigmoid),
+}
+
+
+class ActNet(nn.Module):
+    """conv → activation (module) → conv → activation (functional) → mean → linear."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 5, 3, padding=1)
+        self.act, self.fn = SMOOTH_ACTS[name]
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc(self.fn(self.c2(self.act(self.c1(x)))).mean((2, 3)))
+
+
+class SE(nn.Module):
+    """Squeeze-excitation: x · gate(W2 act(W1 mean(x)))."""
+
+    def __init__(self, c, act, gate, bias=True):
+        super().__init__()
+        self.f1, self.f2 = nn.Conv2d(c, 4, 1, bias=bias), nn.Conv2d(4, c, 1, bias=bias)
+        self.act, self.gate = act, gate
+
+    def forward(self, x):
+        s = self.gate(self.f2(self.act(self.f1(F.adaptive_avg_pool2d(x, 1)))))
+        return s * x
+
+
+class GatedNet(nn.Module):
+    """SiLU, SE gates (ReLU/Sigmoid and Hardswish/Hardsigmoid), x · sigmoid(x) written out,
+    a GLU-style split product, BN folded before an activation."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8)
+        self.se1 = SE(8, nn.ReLU(), nn.Sigmoid(), bias)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=bias)
+        self.se2 = SE(8, nn.Hardswish(), nn.Hardsigmoid(), bias)
+        self.c3 = nn.Conv2d(8, 8, 1, bias=bias)
+        self.fc = nn.Linear(4, 3, bias=bias)
+
+    def forward(self, x):
+        x = F.silu(self.bn(self.c1(x)))
+        x = self.se1(x)
+        x = self.c2(x)
+        x = self.se2(x * torch.sigmoid(x))
+        a, b = torch.chunk(self.c3(x), 2, dim=1)
+        x = a * torch.tanh(b)                      # GLU-style
+        return self.fc(x.mean((2, 3)))
+
+
+@_seeded(21)
+def gated_net(gen):
+    m = GatedNet()
+    randomize_bn(m, gen)
+    return m, 2 * torch.randn(2, 3, 16, 16, generator=gen)
+
+
+@_seeded(22)
+def gated_nobias_net(gen):
+    m = GatedNet(bias=False)
+    with torch.no_grad():       # no shift anywhere: BN without mean and bias
+        m.bn.running_mean.zero_()
+        m.bn.bias.zero_()
+    return m, 2 * torch.randn(2, 3, 16, 16, generator=gen)
+
+
+def _act_net(name):
+    @_seeded(30)
+    def build(gen):
+        m = ActNet(name)
+        with torch.no_grad():
+            for c in (m.c1, m.c2):
+                c.bias.normal_(0, 0.5, generator=gen)
+        return m, 2 * torch.randn(2, 3, 8, 8, generator=gen)
+    return build
+
+
+NETS["gated"] = gated_net
+NETS["gated_nobias"] = gated_nobias_net
+for _a in SMOOTH_ACTS:
+    NETS[f"act_{_a}"] = _act_net(_a)
+GATED = ("gated",) + tuple(f"act_{a}" for a in SMOOTH_ACTS)
+
+
+def _sigma(s):
+    return s[0] + s[1]
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_smooth_and_product_forward_and_gradient(name):
+    """g − h = f, nonnegative streams, p − n = the activation, recentering gives relu(±x) at
+    every smooth op and product; the gradient invariant and the equal pair sums of g and h
+    at every tensor and α; SplitGrad = ½ grad at α = 0.5 where all consumers shift."""
+    model, x = NETS[name]()
+    m = copy.deepcopy(model).double().eval()
+    xd = x.double().requires_grad_(True)
+    f = m(xd)
+    kinds = {op.kind for op in graph_of(name).ops}
+    assert "smooth" in kinds and ("product" in kinds) == (name == "gated")
+    for stabilize in ("recenter", "none"):
+        res = run(name, stabilize=stabilize, alpha=0.35)
+        close(res.logits, f.detach(), msg="logits vs original model")
+        close(res.g - res.h, res.logits, scale=(res.g.abs() + res.h.abs()).max(), atol_rel=1e-13)
+        for key, (p, n) in res.streams.items():
+            assert (p >= 0).all() and (n >= 0).all(), key
+            P, N = res.pre_streams[key]
+            assert (P >= -1e-13 * float(P.abs().max())).all() and (N >= 0).all(), key
+            close(p - n, res.acts[key], scale=(p + n).max(), atol_rel=1e-13, msg=f"p - n at {key}")
+            tid = res.keys[key]
+            if stabilize == "recenter" and tid and res.graph.ops[res.graph.producer[tid]].kind in ("smooth", "product"):
+                a = res.acts[key]
+                close(p, F.relu(a), scale=a.abs().max(), atol_rel=1e-13, msg=key)
+                close(n, F.relu(-a), scale=a.abs().max(), atol_rel=1e-13, msg=key)
+    (gx,) = torch.autograd.grad(f.gather(1, res.target[:, None]).sum(), xd)
+    # BN folded vs not: rounding of paths up to ~1e4 x |grad| (the gates' products) cancels;
+    # torch's float64 hardsigmoid backward multiplies by the float32 constant 1/6f (3e-8 off)
+    tol = 1e-7 if name in ("gated", "act_hardsigmoid") else 1e-9
+    close(res.grad["input"], gx, rtol=tol, atol_rel=tol, msg="grad vs original model")
+    for alpha in (0.0, 0.5):
+        for stabilize in ("recenter", "none"):
+            res = run(name, alpha=alpha, stabilize=stabilize)
+            base = run(name, alpha=0.0, stabilize=stabilize)
+            if name == "gated" and stabilize == "none":
+                # the products' pair sums S·σ reach 1e11 without recentering; at α = 0.5 the shifts
+                # cancel them, to rounding of the size they have at α = 0 (the scale used here)
+                for key, s in res.sens.items():
+                    close(s[0] - s[1] - s[2] + s[3], res.grad[key], scale=sens_scale(base.sens[key]),
+                          msg=f"invariant at {key}")
+            else:
+                _check_invariant(res, min_resolved=1 if name == "gated" else len(res.sens) // 2)
+            base = run(name, alpha=0.0, stabilize=stabilize)
+            for key, s in res.sens.items():      # pair sums, to rounding of their size at α = 0
+                close(s[0] + s[1], s[2] + s[3], scale=sens_scale(base.sens[key]), msg=f"pair sums at {key}")
+    res = run(name, alpha=0.5)
+    sc = sens_scale(res.sens["input"])
+    close(ref.splitgrad(res, "input"), 0.5 * gx.sum(1), rtol=tol, atol_rel=tol, scale=sc * 3,
+          msg="SplitGrad = grad/2")
+
+
+def _closed_form_interval(name):
+    """Convex interval of each activation from its closed-form second derivative (roots by
+    scipy's brentq) or, for the kinked ones, from the definition."""
+    from scipy.optimize import brentq
+    sig = lambda u: 1 / (1 + math.exp(-u))  # noqa: E731
+    if name in ("sigmoid", "tanh"):
+        return -math.inf, 0.0
+    if name in ("softplus", "elu", "celu"):
+        return -math.inf, math.inf
+    if name in ("elu_kinked", "selu"):
+        return -math.inf, 0.0
+    if name == "gelu":                       # φ'' = ϕ(u)(2 − u²)
+        return -math.sqrt(2), math.sqrt(2)
+    if name == "gelu_tanh":                  # φ''/(1 − T²) = v' − u·T·v'² + ½u·v''
+        k, c = math.sqrt(2 / math.pi), 0.044715
+
+        def cs(u):
+            v1 = k * (1 + 3 * c * u * u)
+            return v1 - u * math.tanh(k * (u + c * u ** 3)) * v1 * v1 + 0.5 * u * 6 * k * c * u
+        r = brentq(cs, 0.5, 5, xtol=1e-15)
+        return -r, r
+    if name == "silu":                       # φ'' = σ'(u)(2 + u(1 − 2σ(u)))
+        r = brentq(lambda u: 2 + u * (1 - 2 * sig(u)), 0.5, 10, xtol=1e-15)
+        return -r, r
+    if name == "mish":                       # sign of φ'': 2 − 2u·t·σ + u(1 − σ), t = tanh(softplus u)
+        def cs(u):
+            t = math.tanh(math.log1p(math.exp(u)))
+            return 2 - 2 * u * t * sig(u) + u * (1 - sig(u))
+        return brentq(cs, -10, 0, xtol=1e-15), brentq(cs, 0, 10, xtol=1e-15)
+    if name == "hardswish":
+        return -3.0, 3.0
+    if name == "hardsigmoid":
+        return -math.inf, 3.0
+    raise AssertionError(name)
+
+
+# pair gain c = Σ_q |m| + M − m of the two parts, in closed form from each function's slopes
+PAIR_GAIN = {"sigmoid": 0.5, "tanh": 2.0, "softplus": 1.0, "elu": 1.0, "celu": 1.0, "elu_kinked": 2 * 1.75 - 1,
+             "hardswish": 4.0, "hardsigmoid": 1 / 3}
+
+
+@pytest.mark.parametrize("name", list(SMOOTH_ACTS))
+def test_smooth_split_constants_and_stream_map(name):
+    """The reference's convex interval against the closed-form inflection points; the stream
+    map: P' − N' = φ(P − N), P', N' ≥ 0, convex and nondecreasing in (P, N) along random
+    segments (while φ itself is not convex there); the pair gain c in closed form; and the
+    Jacobian: both pair sums are multiplied by c (σ ← c·σ) and f's cotangent by φ'(x)."""
+    G = graph_of(f"act_{name}")
+    act = next(op.act for op in G.ops if op.kind == "smooth")
+    lo, hi = _closed_form_interval(name)
+    for got, want in ((act.lo, lo), (act.hi, hi)):
+        assert got == want or abs(got - want) <= 1e-12 * max(1.0, abs(want)), (got, want)
+    if name in PAIR_GAIN:
+        assert act.pair_gain() == pytest.approx(PAIR_GAIN[name], rel=1e-12)
+    gen = torch.Generator().manual_seed(3)
+    # hardsigmoid by its definition: torch's float64 hardsigmoid backward uses 1/6 rounded to float32
+    phi = (lambda t: F.relu6(t + 3) / 6) if name == "hardsigmoid" else SMOOTH_ACTS[name][1]
+    ts = torch.linspace(0, 1, 41, dtype=D)[:, None]
+    f_bends = False
+    for _ in range(20):
+        x0 = torch.randn(1, 64, generator=gen, dtype=D) * 3
+        v = torch.randn(1, 64, generator=gen, dtype=D) * 3
+        P0, N0 = F.relu(x0) + torch.rand(1, 64, generator=gen, dtype=D), F.relu(-x0)
+        P1, N1 = F.relu(x0 + v), F.relu(-x0 - v) + torch.rand(1, 64, generator=gen, dtype=D)
+        P, N = P0 + ts * (P1 - P0), N0 + ts * (N1 - N0)      # a segment of nonnegative streams
+        Pp, Nn = act.split(P, N)
+        sc = float(Pp.abs().max() + Nn.abs().max())
+        close(Pp - Nn, phi(P - N), scale=sc, atol_rel=1e-14)
+        assert Pp.min() >= -1e-14 * sc and Nn.min() >= -1e-14 * sc
+        for y in (Pp, Nn):
+            sec = y[:-2] - 2 * y[1:-1] + y[2:]
+            assert sec.min() >= -1e-12 * sc
+        fx = phi(x0 + ts * v)
+        sec_f = fx[:-2] - 2 * fx[1:-1] + fx[2:]
+        f_bends |= bool((sec_f < -1e-9).any()) and name not in ("softplus", "elu", "celu")
+        # nondecreasing: a nonnegative step in either stream does not lower P' or N'
+        up = act.split(P + 0.3 * torch.rand(P.shape, generator=gen, dtype=D),
+                       N + 0.3 * torch.rand(N.shape, generator=gen, dtype=D))
+        assert (up[0] - Pp).min() >= -1e-12 * sc and (up[1] - Nn).min() >= -1e-12 * sc
+    assert f_bends or name in ("softplus", "elu", "celu")
+    # Jacobian: σ ← c·σ, the pair difference of g − h ← φ'(x)·d
+    P = (F.relu(torch.randn(3, 50, generator=gen, dtype=D) * 3) + 0.1).requires_grad_(True)
+    N = (F.relu(torch.randn(3, 50, generator=gen, dtype=D) * 3) + 0.1).requires_grad_(True)
+    Pp, Nn = act.split(P, N)
+    a, b = torch.randn(Pp.shape, generator=gen, dtype=D), torch.randn(Pp.shape, generator=gen, dtype=D)
+    gP, gN = torch.autograd.grad((Pp, Nn), (P, N), (a, b))         # a g-type cotangent (a, b)
+    hP, hN = torch.autograd.grad(act.split(P, N), (P, N), (b, a))  # an h-type one with the same pair sum
+    c = act.pair_gain()
+    close(gP + gN, c * (a + b), msg="g pair sum")
+    close(hP + hN, c * (a + b), msg="h pair sum")
+    x = (P - N).detach().requires_grad_(True)
+    (dphi,) = torch.autograd.grad(phi(x).sum(), x)
+    close((gP - gN) - (hP - hN), dphi * ((a - b) - (b - a)), msg="f's cotangent times phi'")
+
+
+def test_product_stream_map_and_jacobian():
+    """P' = ½[(P+Q)² + (N+R)²], N' = ½[(P+R)² + (N+Q)²] at the SE and GLU products of the
+    graph (broadcast gate), checked against the consumed streams; pair sums multiplied by
+    S = P + N + Q + R summed over the broadcast axes (σ ← S·σ) at α = 0."""
+    res = run("gated", alpha=0.0, stabilize="none")
+    G = res.graph
+    prods = [op for op in G.ops if op.kind == "product"]
+    assert len(prods) == 3        # two SE gates, the GLU split (x · sigmoid(x) is one SiLU)
+    assert [op.act.name for op in G.ops if op.kind == "smooth" and op.origin == "mul_1"] == ["silu"]
+    assert any(res.streams[tname(res, op.inputs[0])][0].shape != res.streams[tname(res, op.inputs[1])][0].shape
+               for op in prods)
+    for op in prods:
+        (p, n), (q, r) = (res.streams[tname(res, i)] for i in op.inputs)
+        P, N = res.pre_streams[tname(res, op.out)]
+        sc = float(P.max())
+        close(P, 0.5 * ((p + q) ** 2 + (n + r) ** 2), scale=sc, atol_rel=1e-14)
+        close(N, 0.5 * ((p + r) ** 2 + (n + q) ** 2), scale=sc, atol_rel=1e-14)
+        close(P - N, res.acts[tname(res, op.inputs[0])] * res.acts[tname(res, op.inputs[1])], scale=sc)
+        if op.inputs[0] == op.inputs[1] or len(G.consumers[op.out]) != 1:
+            continue
+        S = p + n + q + r
+        so = _sigma(res.sens[tname(res, op.out)])
+        for i, t in enumerate(op.inputs):
+            if len(G.consumers[t]) != 1:
+                continue
+            si = _sigma(res.sens[tname(res, t)])
+            close(si, (S * so).sum_to_size(si.shape), scale=sens_scale(res.sens[tname(res, t)]),
+                  msg=f"sigma through {op.name} to input {i}")
+
+
+@pytest.mark.parametrize("stabilize", ["recenter", "none"])
+def test_splitlrp_through_smooth_and_products(stabilize):
+    """Without biases SplitLRP conserves g_k and h_k through smooth activations (passed
+    unchanged) and products (the ε-rule on four squares, each to its two summands); and one
+    product written out: the relevance of each operand's streams in closed form."""
+    res = run("gated_nobias", stabilize=stabilize, lrp_epsilon=1e-13)
+    t = res.target
+    sel = torch.arange(len(t))
+    gk, hk = res.g[sel, t], res.h[sel, t]
+    sg, sh = res.lrp_sums["input"]
+    sc = 1e-9 * float(gk.abs().max() + hk.abs().max())
+    torch.testing.assert_close(sg, gk, rtol=1e-6, atol=sc)
+    torch.testing.assert_close(sh, hk, rtol=1e-6, atol=sc)
+    for rel in res.relevance.values():
+        assert all((r >= -1e-12 * float(gk.max() + hk.max())).all() for r in rel)
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            return (x * x[:, :1]).flatten(1)      # a broadcast product straight to the output
+    x = torch.randn(3, 4, dtype=D, generator=torch.Generator().manual_seed(5))
+    eps = 1e-6
+    res = ref.run(Gate(), x, stabilize=stabilize, lrp_epsilon=eps, alpha=0.5)
+    p, n = F.relu(x), F.relu(-x)
+    q, r = p[:, :1], n[:, :1]
+    P, N = 0.5 * ((p + q) ** 2 + (n + r) ** 2), 0.5 * ((p + r) ** 2 + (n + q) ** 2)
+    g, h = (P, N) if stabilize == "none" else (P - torch.minimum(P, N), N - torch.minimum(P, N))
+    close(res.g, g)
+    close(res.h, h)
+    onehot = F.one_hot(res.target, 4).double()
+    for j, (RP, RN) in enumerate(((g * onehot, 0 * g), (0 * h, h * onehot))):
+        sP, sN = RP / (P + eps), RN / (N + eps)
+        Rp = p * 0.5 * ((p + q) * sP + (p + r) * sN)
+        Rn = n * 0.5 * ((n + r) * sP + (n + q) * sN)
+        Rq = (q * 0.5 * ((p + q) * sP + (n + q) * sN)).sum(1, keepdim=True)
+        Rr = (r * 0.5 * ((n + r) * sP + (p + r) * sN)).sum(1, keepdim=True)
+        Rp[:, :1] += Rq
+        Rn[:, :1] += Rr
+        got = res.relevance["input"][2 * j:2 * j + 2]
+        close(got[0], Rp)
+        close(got[1], Rn)

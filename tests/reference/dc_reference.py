@@ -50,6 +50,10 @@ linear      Conv2d, Linear, BatchNorm (folded or per-channel)    yes    yes
 relu        ReLU (module / functional / method)                  yes    yes
 maxpool     MaxPool2d / F.max_pool2d                             yes    no
 add, sub    two data tensors                                     yes    yes
+smooth      Sigmoid, Tanh, Softplus, ELU, SELU, CELU, GELU (both   yes    yes
+            forms), SiLU, Mish, Hardswish, Hardsigmoid (module /
+            functional / method): the curvature split
+product     product of two data tensors (broadcasting): polariz.  yes    yes
 affine      add/sub/mul/div/neg with a constant                  no     no
 pool        AvgPool2d, AdaptiveAvgPool2d, mean/sum over dims     no     no
 move        flatten/view/reshape/cat/permute/squeeze/getitem     no     no
@@ -60,6 +64,16 @@ and a trailing Softmax/LogSoftmax (the maps explain its input).
 Clip / ReLU6 / Hardtanh(a, b): ``relu(x - a) - relu(x - b) + a`` (for a = 0:
 Relu, constant affine ``x - b``, Relu, Sub). LeakyReLU(s): ``s*x + (1 - s)*relu(x)``
 (Relu, constant affines, Add).
+
+Smooth activations (docs/method.md "Beyond ReLU"): φ = φ₁ − φ₂ with φ₁ = φ on its
+convex interval [lo, hi] continued by the tangent slopes outside; each part q with
+slopes in [m, M] and c₀ = inf (q − m·u) gives P_q = m⁺P + m⁻N + (q(x) − m·x − c₀) +
+(M − m)N + c₀⁺, N_q = m⁺N + m⁻P + (M − m)N + c₀⁻, and P' = P₁ + N₂, N' = N₁ + P₂.
+The constants are derived here from φ (class ``Smooth``), not taken from the compiler.
+Products x·y, x = P − N, y = Q − R: P' = ½[(P+Q)² + (N+R)²], N' = ½[(P+R)² + (N+Q)²].
+SplitLRP passes relevance through a smooth activation unchanged on each stream; through
+a product by the epsilon rule on the four squares, each square's share going to its two
+summands in proportion to their values (summed over broadcast axes).
 """
 from __future__ import annotations
 
@@ -91,8 +105,8 @@ __all__ = [
     "RECENTER_KINDS",
 ]
 
-SHIFT_KINDS = frozenset({"linear", "relu", "maxpool", "add", "sub"})
-RECENTER_KINDS = frozenset({"linear", "relu", "add", "sub"})
+SHIFT_KINDS = frozenset({"linear", "relu", "maxpool", "add", "sub", "smooth", "product"})
+RECENTER_KINDS = frozenset({"linear", "relu", "add", "sub", "smooth", "product"})
 DTYPE = torch.float64
 
 
@@ -108,7 +122,7 @@ class UnsupportedModelError(NotImplementedError):
 @dataclass
 class Op:
     index: int
-    kind: str  # linear | affine | relu | maxpool | add | sub | pool | move
+    kind: str  # linear | affine | relu | maxpool | add | sub | pool | move | smooth | product
     inputs: list  # tensor ids
     out: int  # tensor id
     name: str  # canonical name of the output tensor
@@ -122,6 +136,7 @@ class Op:
     shift: bool = False  # alpha-shift applied at this op's data inputs
     output_layer: bool = False  # shift point whose shift is skipped
     desc: str = ""
+    act: Any = None  # smooth: the Smooth activation (curvature split)
 
     @property
     def wpos(self):
@@ -229,6 +244,22 @@ def _conv_lin(stride, padding, dilation, groups, nd=2):
         if isinstance(padding, str):
             return _vjp_lin_t(lin, c, w, in_shape)
         return conv_input(in_shape, w, c, stride, padding, dilation, groups)
+
+    return lin, lin_t
+
+
+def _depthwise_lin(stride, padding, dilation):
+    """A depthwise 2-D convolution by unfold (torch's float64 depthwise kernel is slow on CPU)."""
+    def lin(x, w):
+        n, c, h, wd = x.shape
+        mult, (k0, k1) = w.shape[0] // c, w.shape[2:]
+        cols = F.unfold(x, (k0, k1), dilation=dilation, padding=padding, stride=stride)
+        y = (cols.view(n, c, 1, k0 * k1, -1) * w.reshape(1, c, mult, k0 * k1, 1)).sum(3)
+        oh = (h + 2 * padding[0] - dilation[0] * (k0 - 1) - 1) // stride[0] + 1
+        return y.reshape(n, c * mult, oh, -1)
+
+    def lin_t(c, w, in_shape):
+        return _vjp_lin_t(lin, c, w, in_shape)
 
     return lin, lin_t
 
@@ -343,7 +374,10 @@ class _Builder:
             w = w * s.view(-1, *[1] * (nd + 1))
             b = b * s + t
             desc += " +bn(folded)"
-        lin, lin_t = _conv_lin(conv.stride, conv.padding, conv.dilation, conv.groups, nd)
+        if nd == 2 and conv.groups > 1 and conv.groups == conv.in_channels and not isinstance(conv.padding, str):
+            lin, lin_t = _depthwise_lin(_pair(conv.stride), _pair(conv.padding), _pair(conv.dilation))
+        else:
+            lin, lin_t = _conv_lin(conv.stride, conv.padding, conv.dilation, conv.groups, nd)
         return self.emit("linear", [src.tid], node, weight=w, bias=b.view(1, -1, *[1] * nd),
                          lin=lin, lin_t=lin_t, desc=desc)
 
@@ -416,8 +450,8 @@ class _Builder:
             return src  # 1x1 window, stride 1, no padding: removed (docs/method.md §1)
         return self.emit("maxpool", [src.tid], node, pool=params, desc=str(params))
 
-    def nonneg(self, kind, node, srcs, fn, desc=""):
-        return self.emit(kind, [s.tid for s in srcs], node, fn=fn, desc=desc)
+    def nonneg(self, kind, node, srcs, fn, desc="", suffix=""):
+        return self.emit(kind, [s.tid for s in srcs], node, suffix=suffix, fn=fn, desc=desc)
 
     def two(self, kind, node, a, b):
         return self.emit(kind, [a.tid, b.tid], node)
@@ -481,6 +515,8 @@ class _Builder:
             return self.batchnorm(node, m, src)
         if isinstance(m, nn.ReLU):
             return self.emit("relu", [src.tid], node)
+        if type(m) in _SMOOTH_MODULES:
+            return self.smooth(node, src, _SMOOTH_MODULES[type(m)], **_module_params(m))
         if isinstance(m, nn.PReLU):
             w = m.weight.detach().to(DTYPE)
             dims = self.vals[src.tid].dim()
@@ -507,12 +543,13 @@ class _Builder:
             return src
         if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             return self.softmax(node, src)
-        if isinstance(m, nn.ConvTranspose2d):
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
             return self.linear_conv_transpose(node, m, src)
         if isinstance(m, nn.Upsample):
             size, scale, mode, ac = m.size, m.scale_factor, m.mode, m.align_corners
-            return self.nonneg("pool", node, [src], lambda t: F.interpolate(t, size, scale, mode, ac),
-                               f"interpolate {mode}")
+            # nearest copies each value: data movement (relevance moved exactly); linear: a pooling
+            return self.nonneg("move" if mode == "nearest" else "pool", node, [src],
+                               lambda t: F.interpolate(t, size, scale, mode, ac), f"interpolate {mode}")
         if isinstance(m, nn.AdaptiveMaxPool2d):
             if _pair(m.output_size) != (1, 1):
                 raise UnsupportedModelError(f"{node.name}: adaptive max pool to {m.output_size}")
@@ -524,15 +561,65 @@ class _Builder:
         w = m.weight.detach().to(DTYPE)
         b = m.bias.detach().to(DTYPE) if m.bias is not None else torch.zeros(w.shape[1] * m.groups, dtype=DTYPE)
         st, pd, op, g, dl = m.stride, m.padding, m.output_padding, m.groups, m.dilation
+        conv_t = F.conv_transpose1d if isinstance(m, nn.ConvTranspose1d) else F.conv_transpose2d
 
         def lin(x, w):
-            return F.conv_transpose2d(x, w, None, st, pd, op, g, dl)
+            return conv_t(x, w, None, st, pd, op, g, dl)
 
         def lin_t(c, w, in_shape):
             return _vjp_lin_t(lin, c, w, in_shape)
 
-        return self.emit("linear", [src.tid], node, weight=w, bias=b.view(1, -1, 1, 1), lin=lin, lin_t=lin_t,
+        bias = b.view(1, -1, *([1] * (w.dim() - 2)))
+        return self.emit("linear", [src.tid], node, weight=w, bias=bias, lin=lin, lin_t=lin_t,
                          desc=f"conv_transpose{tuple(w.shape)} s{st} p{pd} op{op} d{dl} g{g}")
+
+    def fused_gate(self, node, a: _T, b: _T):
+        """x·sigmoid(x) → SiLU, x·tanh(softplus(x)) → Mish, x·hardsigmoid(x) → HardSwish: one
+        activation (docs/method.md: exported subgraphs are converted as one activation) when the
+        gate's ops are the last ones emitted and feed only this product; else None."""
+        for x, gate in ((a, b), (b, a)):
+            chain = []           # the gate's ops, last first, back to x
+            t = gate
+            while t.tid and len(chain) < 2:
+                op = self.ops[-1 - len(chain)] if len(self.ops) > len(chain) else None
+                if op is None or op.out != t.tid or op.kind != "smooth":
+                    break
+                chain.append(op)
+                if op.inputs == [x.tid]:
+                    break
+                t = _T(op.inputs[0])
+            kinds = [op.act.name for op in chain]
+            fused = {("sigmoid",): "silu", ("tanh", "softplus"): "mish",
+                     ("hardsigmoid",): "hardswish"}.get(tuple(kinds))
+            if fused is None or chain[-1].inputs != [x.tid] or (fused == "mish" and chain[1].act.params != {}):
+                continue
+            if chain[0].act.params:
+                continue
+            # the gate's tensors are read by nothing but the product (fx users)
+            users = {}
+            for nd, v in self.env.items():
+                if isinstance(v, _T):
+                    users.setdefault(v.tid, []).append(nd)
+            if any(len(nd.users) != 1 for op in chain for nd in users.get(op.out, [])):
+                continue
+            for op in chain:     # un-emit the gate (the last ops), then emit the fused activation
+                self.ops.pop()
+                tid = op.out
+                self.tensor_names.pop()
+                self.vals.pop(tid)
+                for k in [k for k, v in self.names.items() if v == tid]:
+                    del self.names[k]
+                for k in list(self.targets):
+                    self.targets[k] = [v for v in self.targets[k] if v != tid]
+                    if not self.targets[k]:
+                        del self.targets[k]
+            return self.smooth(node, x, fused)
+        return None
+
+    def smooth(self, node, src: _T, kind: str, **params):
+        act = smooth_activation(kind, **params)
+        return self.emit("smooth", [src.tid], node, act=act,
+                         desc=f"{kind}{params or ''} convex on [{act.lo:.6g}, {act.hi:.6g}]")
 
     def max2(self, node, a: _T, b: _T, is_min: bool):
         """max(a, b) = b + relu(a − b); min(a, b) = a − relu(a − b)."""
@@ -642,7 +729,7 @@ class _Builder:
             for j, piece in enumerate(pieces):
                 n = piece.shape[dim]
                 out.append(self.nonneg("move", node, [a0], (lambda s0, n0: lambda t: t.narrow(dim, s0, n0))(start, n),
-                                       f"{fname} piece {j}"))
+                                       f"{fname} piece {j}", suffix=f".{j}" if j else ""))
                 start += n
             return tuple(out)
 
@@ -654,6 +741,33 @@ class _Builder:
                              desc=f"matmul{tuple(w.shape)}")
         if fname in ("maximum", "minimum", "max", "min") and len(args) == 2 and isinstance(args[1], _T):
             return self.max2(node, a0, args[1], fname in ("minimum", "min"))
+        if fname in ("maximum", "minimum") and len(args) == 2:
+            # with a constant c: max(x, c) = relu(x − c) + c; min(x, c) = x − relu(x − c)
+            c = torch.as_tensor(self.cval(node.args[1]), dtype=DTYPE)
+            r = self.emit("relu", [self.affine(node, a0, 1.0, -c, suffix=".shift").tid], node, suffix=".relu")
+            if fname == "maximum":
+                return self.affine(node, r, 1.0, c)
+            return self.emit("sub", [a0.tid, r.tid], node, desc="x - relu(x - c)")
+        if fname in ("amax", "amin"):
+            # over spatial axes: a max pool over them (min: −max(−x)), then the axes dropped
+            dims = self.cval(_get(args, kwargs, 1, "dim", None))
+            keep = bool(self.cval(_get(args, kwargs, 2, "keepdim", False)))
+            shape = self.vals[a0.tid].shape
+            dims = sorted(d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims))
+            if len(shape) != 4 or not set(dims) <= {2, 3}:
+                raise UnsupportedModelError(f"{node.name}: {fname} over {dims}")
+            kernel = tuple(shape[d] if d in dims else 1 for d in (2, 3))
+            src = a0 if fname == "amax" else self.affine(node, a0, -1.0, None, suffix=".neg_in")
+            pooled = self.maxpool(node, src, kernel)
+            if fname == "amin":
+                pooled = self.affine(node, pooled, -1.0, None, suffix=".neg_out")
+            if keep:
+                return pooled
+            return self.nonneg("move", node, [pooled], lambda t: t.squeeze(3).squeeze(2) if dims == [2, 3]
+                               else t.squeeze(dims[0]), f"squeeze {dims}", suffix=".squeeze")
+        if fname == "pixel_shuffle":
+            r = int(self.cval(_get(args, kwargs, 1, "upscale_factor", None)))
+            return self.nonneg("move", node, [a0], lambda t: F.pixel_shuffle(t, r), f"pixel_shuffle {r}")
         if fname == "abs":     # relu(x) + relu(−x)
             r1 = self.emit("relu", [a0.tid], node, suffix=".relu_pos")
             r2 = self.emit("relu", [self.affine(node, a0, -1.0, None, suffix=".neg").tid], node, suffix=".relu_neg")
@@ -661,9 +775,19 @@ class _Builder:
         if fname == "interpolate":
             kw = {k: self.cval(v) for k, v in node.kwargs.items()}
             rest = self.cval(list(node.args[1:]))
-            return self.nonneg("pool", node, [a0], lambda t: F.interpolate(t, *rest, **kw), "interpolate")
+            mode = kw.get("mode", rest[2] if len(rest) > 2 else "nearest")
+            return self.nonneg("move" if mode == "nearest" else "pool", node, [a0],
+                               lambda t: F.interpolate(t, *rest, **kw), f"interpolate {mode}")
         if fname == "relu":
             return self.emit("relu", [a0.tid], node)
+        if fname in _SMOOTH_FUNCTIONS:
+            kind, pnames = _SMOOTH_FUNCTIONS[fname]
+            params = {}
+            for i, pname in pnames:
+                v = self.cval(_get(args, kwargs, i, pname, None))
+                if v is not None:
+                    params[pname] = float(v) if isinstance(v, (int, float)) else v
+            return self.smooth(node, a0, kind, **params)
         if fname == "pad":
             pad = self.cval(_get(args, kwargs, 1, "pad", None))
             mode = self.cval(_get(args, kwargs, 2, "mode", "constant"))
@@ -704,6 +828,11 @@ class _Builder:
                 raise UnsupportedModelError(f"{node.name}: dropout with training=True")
             return a0
         if fname in ("contiguous", "clone", "detach", "float", "double", "to", "type_as"):
+            return a0
+        if fname == "stochastic_depth":      # torchvision.ops: the identity in evaluation
+            p, training = self.cval(_get(args, kwargs, 1, "p", 0.0)), self.cval(_get(args, kwargs, 3, "training", True))
+            if training and p > 0:
+                raise UnsupportedModelError(f"{node.name}: stochastic depth in training mode")
             return a0
         if fname in ("softmax", "log_softmax"):
             return self.softmax(node, a0)
@@ -786,7 +915,8 @@ class _Builder:
             return self.affine(node, b, -1.0, self._const(a))
         if base == "mul":
             if da and db:
-                raise UnsupportedModelError(f"{node.name}: product of two data tensors")
+                fused = self.fused_gate(node, a, b)
+                return fused if fused is not None else self.two("product", node, a, b)
             src, const = (a, b) if da else (b, a)
             return self.affine(node, src, self._const(const), None)
         if base == "div":
@@ -899,6 +1029,222 @@ def canonicalize(model: nn.Module, x: torch.Tensor, fold_bn: bool = True) -> Can
 
 
 # ----------------------------------------------------------------------------
+# smooth activations (curvature split) and products of two data tensors
+# ----------------------------------------------------------------------------
+
+
+def _d1(phi, u: float) -> float:
+    """φ'(u) by autograd."""
+    with torch.enable_grad():
+        t = torch.tensor([float(u)], dtype=DTYPE, requires_grad=True)
+        (d,) = torch.autograd.grad(phi(t).sum(), t)
+    return float(d)
+
+
+def _d2(phi, u: float) -> float:
+    """φ''(u) by autograd (twice)."""
+    with torch.enable_grad():
+        t = torch.tensor([float(u)], dtype=DTYPE, requires_grad=True)
+        (d1,) = torch.autograd.grad(phi(t).sum(), t, create_graph=True)
+        if not d1.requires_grad:           # piecewise linear there
+            return 0.0
+        (d2,) = torch.autograd.grad(d1.sum(), t)
+    return float(d2)
+
+
+def _bisect_pred(pred, a: float, b: float) -> float:
+    """The point in [a, b] where the boolean pred changes value, to machine precision."""
+    pa = pred(a)
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if mid in (a, b):
+            break
+        if pred(mid) == pa:
+            a = mid
+        else:
+            b = mid
+    return 0.5 * (a + b)
+
+
+class Smooth:
+    """An elementwise activation φ split as φ = φ₁ − φ₂ (docs/method.md "Beyond ReLU").
+
+    Everything is derived here from φ itself: the convex interval [lo, hi] from the sign
+    of autograd's second derivative (sign changes refined by bisection), intersected with
+    the concave kinks given from the function's definition (a second derivative does not
+    see a kink); the slopes at ±∞ and the limit L = lim_{u→−∞} φ(u) − φ'(−∞)·u by
+    autograd far out; one-sided slopes at the interval ends from inside.
+    """
+
+    GRID = 6.0     # inflection points of every supported function lie in [−6, 6]
+    FAR = 60.0
+
+    def __init__(self, name: str, phi: Callable, kinks_lo=(), kinks_hi=()):
+        self.name, self.phi = name, phi
+        grid = torch.linspace(-self.GRID, self.GRID, 1201, dtype=DTYPE).tolist()
+        conv = [_d2(phi, u) >= 0 for u in grid]
+
+        def pred(u):
+            return _d2(phi, u) >= 0
+
+        lo, hi = -math.inf, math.inf
+        ups = downs = 0
+        for i in range(len(grid) - 1):
+            if conv[i] == conv[i + 1]:
+                continue
+            root = _bisect_pred(pred, grid[i], grid[i + 1])
+            if conv[i]:                    # convex -> concave: the upper end
+                hi, downs = root, downs + 1
+            else:
+                lo, ups = root, ups + 1
+        if ups > 1 or downs > 1 or (ups and downs and lo > hi):
+            raise UnsupportedModelError(f"{name}: not one convex interval")
+        for k in kinks_lo:
+            lo = max(lo, float(k))
+        for k in kinks_hi:
+            hi = min(hi, float(k))
+        self.lo, self.hi = lo, hi
+        far = self.FAR
+        self.s_minus, self.s_plus = _d1(phi, -far), _d1(phi, far)
+        with torch.no_grad():
+            self.L = float(phi(torch.tensor([-far], dtype=DTYPE))) - self.s_minus * -far
+        self.s_lo = self.s_minus if lo == -math.inf else self._end_slope(lo, +1, lo in kinks_lo)
+        self.s_hi = self.s_plus if hi == math.inf else self._end_slope(hi, -1, hi in kinks_hi)
+        # φ₁: slopes [m1, M1], c01 = lim_{u→−∞} φ₁(u) − m1·u; φ₂ = φ₁ − φ
+        m1 = self.s_lo
+        M1 = self.s_hi
+        if lo == -math.inf:
+            c01 = self.L
+        else:
+            with torch.no_grad():
+                c01 = float(phi(torch.tensor([lo], dtype=DTYPE))) - self.s_lo * lo
+        self.part1 = (m1, M1, c01)
+        self.part2 = (m1 - self.s_minus, M1 - self.s_plus, c01 - self.L)
+
+    def _end_slope(self, k: float, inward: int, kink: bool) -> float:
+        """φ' at an interval end; at a kink the slope from inside, extrapolated linearly from two
+        points just inside (exact where φ' is linear there: HardSwish, HardSigmoid)."""
+        if not kink:
+            return _d1(self.phi, k)     # an inflection point: φ' is continuous there
+        d = 1e-9 * max(1.0, abs(k)) * inward
+        return 2.0 * _d1(self.phi, k + d) - _d1(self.phi, k + 2 * d)
+
+    def phi1(self, u):
+        lo, hi = self.lo, self.hi
+        if lo == -math.inf and hi == math.inf:
+            return self.phi(u)
+        v = self.phi(torch.clamp(u, None if lo == -math.inf else lo, None if hi == math.inf else hi))
+        if hi != math.inf:
+            v = v + self.s_hi * F.relu(u - hi)
+        if lo != -math.inf:
+            v = v - self.s_lo * F.relu(lo - u)
+        return v
+
+    @staticmethod
+    def convex_rule(q, x, m, M, c0, P, N):
+        """q = m·x + Ψ(x), Ψ nondecreasing with slopes in [0, M − m], inf Ψ = c0."""
+        psi = q - m * x
+        Pq = _pos(m) * P + _neg(m) * N + (psi - c0) + (M - m) * N + _pos(c0)
+        Nq = _pos(m) * N + _neg(m) * P + (M - m) * N + _neg(c0)
+        return Pq, Nq
+
+    def split(self, P, N):
+        """(P, N) -> (P₁ + N₂, N₁ + P₂), with P' − N' = φ(P − N)."""
+        x = P - N
+        q1 = self.phi1(x)
+        P1, N1 = self.convex_rule(q1, x, *self.part1, P, N)
+        P2, N2 = self.convex_rule(q1 - self.phi(x), x, *self.part2, P, N)
+        return P1 + N2, N1 + P2
+
+    def pair_gain(self) -> float:
+        return sum(abs(m) + M - m for m, M, _ in (self.part1, self.part2))
+
+
+_SMOOTH_CACHE: dict = {}
+
+
+def smooth_activation(kind: str, **params) -> Smooth:
+    """The Smooth of a torch activation (kind: sigmoid, tanh, softplus, elu, selu, celu, gelu,
+    silu, mish, hardswish, hardsigmoid) with its parameters, cached."""
+    key = (kind, tuple(sorted(params.items())))
+    if key in _SMOOTH_CACHE:
+        return _SMOOTH_CACHE[key]
+    lo, hi = (), ()
+    if kind == "sigmoid":
+        phi = torch.sigmoid
+    elif kind == "tanh":
+        phi = torch.tanh
+    elif kind == "softplus":
+        beta, thr = params.get("beta", 1.0), params.get("threshold", 20.0)
+        phi = lambda u: F.softplus(u, beta, thr)  # noqa: E731
+    elif kind in ("elu", "selu"):
+        if kind == "selu":     # torch's constants (as F.selu)
+            alpha, scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+        else:
+            alpha, scale = float(params.get("alpha", 1.0)), 1.0
+        if alpha <= 0:
+            raise UnsupportedModelError(f"{kind} with alpha={alpha}")
+        phi = (lambda u: F.selu(u)) if kind == "selu" else (lambda u: F.elu(u, alpha))
+        if alpha > 1.0:        # left slope scale·α at 0 above the right one, scale: a concave kink
+            hi = (0.0,)
+    elif kind == "celu":
+        alpha = float(params.get("alpha", 1.0))
+        if alpha <= 0:
+            raise UnsupportedModelError(f"celu with alpha={alpha}")
+        phi = lambda u: F.celu(u, alpha)  # noqa: E731
+    elif kind == "gelu":
+        approx = params.get("approximate", "none")
+        phi = lambda u: F.gelu(u, approximate=approx)  # noqa: E731
+    elif kind == "silu":
+        phi = F.silu
+    elif kind == "mish":
+        phi = F.mish
+    elif kind == "hardswish":      # x·relu6(x + 3)/6: slope −1/2 → 0 at −3 and 3/2 → 1 at 3
+        phi, lo, hi = F.hardswish, (-3.0,), (3.0,)
+    elif kind == "hardsigmoid":    # relu6(x + 3)/6: slope 1/6 → 0 at 3 (at −3 it bends up)
+        # written out: torch has no second derivative of F.hardsigmoid's backward
+        phi, hi = (lambda u: F.relu6(u + 3.0) / 6.0), (3.0,)
+    else:
+        raise UnsupportedModelError(f"activation {kind!r}")
+    act = Smooth(kind, phi, lo, hi)
+    act.params = dict(params)
+    _SMOOTH_CACHE[key] = act
+    return act
+
+
+_SMOOTH_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softplus: "softplus", nn.ELU: "elu",
+                   nn.SELU: "selu", nn.CELU: "celu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Mish: "mish",
+                   nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+# functional name -> (kind, [(positional index, parameter), ...])
+_SMOOTH_FUNCTIONS = {
+    "sigmoid": ("sigmoid", []), "tanh": ("tanh", []),
+    "softplus": ("softplus", [(1, "beta"), (2, "threshold")]),
+    "elu": ("elu", [(1, "alpha")]), "selu": ("selu", []), "celu": ("celu", [(1, "alpha")]),
+    "gelu": ("gelu", [(1, "approximate")]), "silu": ("silu", []), "mish": ("mish", []),
+    "hardswish": ("hardswish", []), "hardsigmoid": ("hardsigmoid", []),
+}
+
+
+def _module_params(m) -> dict:
+    if isinstance(m, nn.Softplus):
+        return {"beta": float(m.beta), "threshold": float(m.threshold)}
+    if isinstance(m, (nn.ELU, nn.CELU)):
+        return {"alpha": float(m.alpha)}
+    if isinstance(m, nn.GELU):
+        return {"approximate": m.approximate}
+    return {}
+
+
+def split_smooth(op: Op, P, N):
+    return op.act.split(P, N)
+
+
+def split_product(P, N, Q, R):
+    """x·y with x = P − N, y = Q − R (broadcasting): ½[(P+Q)² + (N+R)²] − ½[(P+R)² + (N+Q)²]."""
+    return 0.5 * ((P + Q) ** 2 + (N + R) ** 2), 0.5 * ((P + R) ** 2 + (N + Q) ** 2)
+
+
+# ----------------------------------------------------------------------------
 # op evaluation
 # ----------------------------------------------------------------------------
 
@@ -919,6 +1265,10 @@ def plain_op(op: Op, xs):
         return xs[0] - xs[1]
     if k in ("pool", "move"):
         return op.fn(*xs)
+    if k == "smooth":
+        return op.act.phi(xs[0])
+    if k == "product":
+        return xs[0] * xs[1]
     raise AssertionError(k)
 
 
@@ -972,6 +1322,11 @@ def split_op_pure(op: Op, ins, maxpool: str, idx=None):
         return p1 + n2, n1 + p2
     if k in ("pool", "move"):
         return op.fn(*[p for p, _ in ins]), op.fn(*[n for _, n in ins])
+    if k == "smooth":
+        return split_smooth(op, *ins[0])
+    if k == "product":
+        (p1, n1), (p2, n2) = ins
+        return split_product(p1, n1, p2, n2)
     if k == "maxpool":
         p, n = ins[0]
         if maxpool == "wta":
@@ -1236,6 +1591,17 @@ def _lrp(G: CanonicalGraph, S, pre, idxs, seed, maxpool, ties, eps, kept):
             (p, n), = ins
             m = relu_mask(p, n, ties)
             contrib = [(m * RP, (1 - m) * RP + RN)]
+        elif k == "smooth":  # relevance passes unchanged on each stream
+            contrib = [(RP, RN)]
+        elif k == "product":  # epsilon rule on the four squares, each to its two summands
+            P_, N_ = pre[op.out]
+            sP, sN = RP / (P_ + eps), RN / (N_ + eps)
+            (p, n), (q, r) = ins
+            PQ, NR, PR, NQ = p + q, n + r, p + r, n + q
+            contrib = [((p * 0.5 * (PQ * sP + PR * sN)).sum_to_size(p.shape),
+                        (n * 0.5 * (NR * sP + NQ * sN)).sum_to_size(n.shape)),
+                       ((q * 0.5 * (PQ * sP + NQ * sN)).sum_to_size(q.shape),
+                        (r * 0.5 * (NR * sP + PR * sN)).sum_to_size(r.shape))]
         elif k == "move" or (k == "maxpool" and maxpool == "wta"):
             idx = idxs.get(op.index)
             contrib = _vjp(lambda lv: split_op_pure(op, lv, maxpool, idx), ins, (RP, RN))

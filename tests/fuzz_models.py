@@ -403,14 +403,19 @@ def net_specs(draw, max_blocks: int = 6):
     w = draw(st.one_of(st.just(h), st.integers(3, 12)))
     in_shape = shape = (c, h, w)
     body = []
-    clipped = False
+    clipped = saturated = False
     for _ in range(draw(st.integers(1, max_blocks))):
         layers, new_shape = draw(block(shape))
         if clipped and any(isinstance(l, (MaxPool, GlobalMax, MaxMin)) for l in layers):
             # ReLU6/Hardtanh saturate to one value: exact ties in a max window, which dconnx breaks
             # on the original activation and the float64 reference on its Relu form, rounded
             continue
+        if saturated and _clip_before_mix(layers):
+            # a clip's saturated value (exactly 2p or 6) at the next clip's kink: an exact tie, which
+            # dconnx breaks on the original activation and the reference on its Relu form, rounded
+            continue
         clipped = clipped or _has_clip(layers)
+        saturated = _ends_saturated(layers, saturated)
         body += layers
         shape = new_shape
     c, h, w = shape
@@ -665,6 +670,29 @@ def _has_clip(layers) -> bool:
                 (isinstance(l, Concat) and any(_has_clip(b) for b in l.branches)):
             return True
     return False
+
+
+_MIXING = (Conv, ConvT, BN, Affine)     # layers that move a saturated value off a kink
+
+
+def _clip_before_mix(layers) -> bool:
+    """A clip activation reached before any weighted layer (at the top level of `layers`)."""
+    for l in layers:
+        if isinstance(l, _MIXING):
+            return False
+        if _has_clip([l]):
+            return True
+    return False
+
+
+def _ends_saturated(layers, saturated: bool) -> bool:
+    """Whether a clip's saturated values leave `layers` with no weighted layer after the clip."""
+    for l in layers:
+        if isinstance(l, _MIXING):
+            saturated = False
+        elif _has_clip([l]):
+            saturated = True
+    return saturated
 
 
 def _has_bn(layers) -> bool:

@@ -65,9 +65,9 @@ def fed_inputs(monkeypatch) -> list:
     """Records every input Explainer.maps is given."""
     seen, original = [], Explainer.maps
 
-    def spy(self, x, target=None, alpha=None):
+    def spy(self, x, *args, **kwargs):
         seen.append(np.array(x))
-        return original(self, x, target=target, alpha=alpha)
+        return original(self, x, *args, **kwargs)
     monkeypatch.setattr(Explainer, "maps", spy)
     return seen
 

@@ -179,6 +179,36 @@ NARY = {"Sum": lambda ts: sum(ts), "Mean": lambda ts: sum(ts) / len(ts),
         "Max": lambda ts: torch.stack(ts).amax(0), "Min": lambda ts: torch.stack(ts).amin(0)}
 
 
+def _float64_model(name, nodes, in_shape, k, weights):
+    """The float64 graph of `nodes` on 'input' [batch, *in_shape], the last node's output reshaped
+    to the logits [batch, k], with the constants `weights`; converted for SplitGrad."""
+    D = TensorProto.DOUBLE
+    g = helper.make_graph(nodes + [helper.make_node("Reshape", [nodes[-1].output[0], "shape"], ["logits"])],
+                          name, [helper.make_tensor_value_info("input", D, ["batch", *in_shape])],
+                          [helper.make_tensor_value_info("logits", D, ["batch", k])],
+                          initializer=[helper.make_tensor(n, D, w.shape, w.ravel()) for n, w in weights.items()]
+                          + [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, k])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return dconnx.convert(model, methods="splitgrad", share_forward=False, expose=["input"]).model
+
+
+def _check_float64(conv, f, x, target=None):
+    """g − h and the reconstructed input gradient against torch float64 autograd of `f`, at α = 0
+    and 0.5; the target defaults to each sample's largest logit (a positive one: its gradient is
+    nonzero through an open Relu)."""
+    xt = torch.tensor(x, requires_grad=True)
+    fx = f(xt)
+    t = fx.argmax(1).numpy() if target is None else target
+    fx.gather(1, torch.tensor(t)[:, None]).sum().backward()
+    assert np.abs(xt.grad.numpy()).max() > 0
+    for alpha in (0.0, 0.5):
+        out = run(conv, x, target=t, alpha=alpha)
+        assert rel_err(out["g"] - out["h"], fx.detach().numpy()) < 1e-12
+        recon = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
+        assert rel_err(recon, xt.grad.numpy()) < 1e-12
+
+
 @pytest.mark.parametrize("op", list(NARY))
 def test_nary_ops_float64(op):
     """op(relu(x), −x, w·x) with a constant w of both signs: g − h and the reconstructed
@@ -187,31 +217,14 @@ def test_nary_ops_float64(op):
     rng = np.random.default_rng(4)
     w = rng.standard_normal(shape[1:])
     k = int(np.prod(shape[1:]))
-    D = TensorProto.DOUBLE
     nodes = [helper.make_node("Relu", ["input"], ["a"]), helper.make_node("Neg", ["input"], ["b"]),
-             helper.make_node("Mul", ["input", "w"], ["c"]), helper.make_node(op, ["a", "b", "c"], ["s"]),
-             helper.make_node("Reshape", ["s", "shape"], ["logits"])]
-    g = helper.make_graph(nodes, "nary", [helper.make_tensor_value_info("input", D, ["batch", *shape[1:]])],
-                          [helper.make_tensor_value_info("logits", D, ["batch", k])],
-                          initializer=[helper.make_tensor("w", D, w.shape, w.ravel()),
-                                       helper.make_tensor("shape", TensorProto.INT64, [2], [-1, k])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    conv = dconnx.convert(model, methods="splitgrad", share_forward=False, expose=["input"]).model
+             helper.make_node("Mul", ["input", "w"], ["c"]), helper.make_node(op, ["a", "b", "c"], ["s"])]
+    conv = _float64_model("nary", nodes, shape[1:], k, {"w": w})
 
     def f(xt):
         return NARY[op]([torch.relu(xt), -xt, xt * torch.tensor(w)]).reshape(xt.shape[0], -1)
 
-    x = rng.standard_normal(shape)
-    t = np.array([3, k - 5])
-    xt = torch.tensor(x, requires_grad=True)
-    fx = f(xt)
-    fx.gather(1, torch.tensor(t)[:, None]).sum().backward()
-    for alpha in (0.0, 0.5):
-        out = run(conv, x, target=t, alpha=alpha)
-        assert rel_err(out["g"] - out["h"], fx.detach().numpy()) < 1e-12
-        recon = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
-        assert rel_err(recon, xt.grad.numpy()) < 1e-12
+    _check_float64(conv, f, rng.standard_normal(shape), target=np.array([3, k - 5]))
 
 
 def _space_to_depth(x, bs):
@@ -230,26 +243,9 @@ def test_space_to_depth_float64():
     out_shape = (shape[1] * bs * bs, shape[2] // bs, shape[3] // bs)
     w = rng.standard_normal(out_shape)
     k = int(np.prod(out_shape))
-    D = TensorProto.DOUBLE
     nodes = [helper.make_node("Relu", ["input"], ["a"]),
              helper.make_node("SpaceToDepth", ["a"], ["s"], blocksize=bs),
-             helper.make_node("Mul", ["s", "w"], ["c"]),
-             helper.make_node("Reshape", ["c", "shape"], ["logits"])]
-    g = helper.make_graph(nodes, "s2d", [helper.make_tensor_value_info("input", D, ["batch", *shape[1:]])],
-                          [helper.make_tensor_value_info("logits", D, ["batch", k])],
-                          initializer=[helper.make_tensor("w", D, w.shape, w.ravel()),
-                                       helper.make_tensor("shape", TensorProto.INT64, [2], [-1, k])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    conv = dconnx.convert(model, methods="splitgrad", share_forward=False, expose=["input"]).model
-    x = rng.standard_normal(shape)
-    xt = torch.tensor(x, requires_grad=True)
-    fx = (_space_to_depth(torch.relu(xt), bs) * torch.tensor(w)).reshape(shape[0], -1)
-    t = fx.argmax(1).numpy()          # a positive logit: its Relu is open, its gradient nonzero
-    fx.gather(1, torch.tensor(t)[:, None]).sum().backward()
-    assert np.abs(xt.grad.numpy()).max() > 0
-    for alpha in (0.0, 0.5):
-        out = run(conv, x, target=t, alpha=alpha)
-        assert rel_err(out["g"] - out["h"], fx.detach().numpy()) < 1e-12
-        recon = out["input::dpp"] - out["input::dnp"] - out["input::dpn"] + out["input::dnn"]
-        assert rel_err(recon, xt.grad.numpy()) < 1e-12
+             helper.make_node("Mul", ["s", "w"], ["c"])]
+    conv = _float64_model("s2d", nodes, shape[1:], k, {"w": w})
+    _check_float64(conv, lambda xt: (_space_to_depth(torch.relu(xt), bs) * torch.tensor(w)).reshape(shape[0], -1),
+                   rng.standard_normal(shape))

@@ -16,10 +16,10 @@ tensors and the MaxPool) and the "wta"/"dc" MaxPool modes come with them.
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
 
 from ..ir import attrs
 from .registry import canonical_rewrite
+from .rewrite import NodeWriter
 
 REWRITE = "selection_to_relu"
 
@@ -64,18 +64,8 @@ def rewrite_node(view, node, fresh, add_init) -> list | None:
     """The exact replacement of one node (nodes writing its output), or None to keep it."""
     op = node.op_type
     y = node.output[0]
-    dt = helper.tensor_dtype_to_np_dtype(view.dtypes.get(y, 1))
-    base = node.name or y
-
-    def mk(op_type, ins, out=None, **kw):
-        out = out or fresh(f"{y}_{op_type.lower()}")
-        nodes.append(helper.make_node(op_type, ins, [out], name=fresh(f"{base}_{op_type.lower()}"), **kw))
-        return out
-
-    def scaled(x, s, out=None):
-        return mk("Mul", [x, add_init(np.asarray(s, dt), f"{y}_scale")], out)
-
-    nodes: list = []
+    w = NodeWriter(view, node, fresh, add_init)
+    mk, scaled = w.op, w.scaled
     if op == "Neg":
         scaled(node.input[0], -1.0, y)
     elif op == "Abs":
@@ -112,13 +102,13 @@ def rewrite_node(view, node, fresh, add_init) -> list | None:
         m = mk("MaxPool", [x], y if last else None, kernel_shape=kernel)
         if not keep:
             shape = [-1] + [xs[i] for i in range(1, len(xs)) if i not in axes]
-            m = mk("Reshape", [m, add_init(np.asarray(shape, np.int64), f"{y}_shape")],
+            m = mk("Reshape", [m, w.const(shape, "shape", np.int64)],
                    y if op == "ReduceMax" else None)
         if op == "ReduceMin":
             scaled(m, -1.0, y)
     else:
         return None
-    return nodes
+    return w.nodes
 
 
 _BECOMES = {

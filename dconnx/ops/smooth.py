@@ -33,6 +33,7 @@ import numpy as np
 from ..ir import attrs
 from .registry import OpSpec, canonical_rewrite, op_spec
 from .base import set_streams
+from .rewrite import NodeWriter
 
 INF = math.inf
 
@@ -189,23 +190,15 @@ def expand_node(view, node, fresh, add_init) -> list:
     """Canonicalization's exact replacement of an activation that onnxruntime's CUDA provider has
     no kernel for (nor, for Celu, a float16 or float64 type):
     Celu(x; α) = α·Elu(x/α; 1), Mish(x) = x·Tanh(Softplus(x)) (then fused as one activation)."""
-    from onnx import helper
     x, y = node.input[0], node.output[0]
-    dt = helper.tensor_dtype_to_np_dtype(view.dtypes.get(y, 1))
-    base = node.name or y
-
-    def mk(op_type, ins, out=None, **kw):
-        out = out or fresh(f"{y}_{op_type.lower()}")
-        nodes.append(helper.make_node(op_type, ins, [out], name=fresh(f"{base}_{op_type.lower()}"), **kw))
-        return out
-    nodes: list = []
+    w = NodeWriter(view, node, fresh, add_init)
     if node.op_type == "Celu":
         alpha = float(attrs(node).get("alpha", 1.0))
-        elu = mk("Elu", [mk("Mul", [x, add_init(np.asarray(1.0 / alpha, dt), f"{y}_inv_alpha")])], alpha=1.0)
-        mk("Mul", [elu, add_init(np.asarray(alpha, dt), f"{y}_alpha")], y)
+        elu = w.op("Elu", [w.op("Mul", [x, w.const(1.0 / alpha, "inv_alpha")])], alpha=1.0)
+        w.op("Mul", [elu, w.const(alpha, "alpha")], y)
     else:
-        mk("Mul", [x, mk("Tanh", [mk("Softplus", [x])])], y)
-    return nodes
+        w.op("Mul", [x, w.op("Tanh", [w.op("Softplus", [x])])], y)
+    return w.nodes
 
 
 def _gelu_erf() -> Curvature:

@@ -30,10 +30,10 @@ demo: $(STAMP_RT)
 # Two pytest-xdist workers (each test file on one worker, so that its module fixtures are built
 # once); PYTEST_WORKERS=0 runs in one process. Prints the session's wall time and each worker's
 # peak RSS, and fails when one exceeds 6 GB (DCONNX_TEST_RSS_LIMIT_GB=<GB> overrides;
-# tests/conftest.py, tests/peak_rss.py).
+# tests/conftest.py, tests/peak_rss.py), and the 25 slowest tests.
 PYTEST_WORKERS ?= 2
 test: $(STAMP_TEST)
-	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -161,20 +161,45 @@ class Service:
         elements = math.prod(d if isinstance(d, int) and d > 0 else 1 for d in shape)
         if self.images is not None:
             elements = max(elements, self.images.height * self.images.width * self.images.channels)
-        self.limits = codec.Limits(int(elements), config.max_request_samples)
+        # a dense output [batch, classes, *spatial] is explained over a region of its positions
+        self.region_shape = list(getattr(ex, "region_shape", [])) if ex.accepts_region else None
+        region_elements = (math.prod(d if isinstance(d, int) and d > 0 else 1 for d in self.region_shape)
+                           if self.region_shape else 0)
+        self.limits = codec.Limits(int(elements), config.max_request_samples, int(region_elements))
         self.decoding = asyncio.Semaphore(config.max_decoding)
         self.batcher = MicroBatcher(self._run, max_batch=config.max_batch,
                                     max_delay_s=config.max_delay_ms / 1000.0, max_queue=config.max_queue,
                                     observe=metrics.observe_batch)
 
-    def _run(self, x, target, alpha) -> dict:
-        return self.ex(x, target=target, alpha=alpha)
+    @property
+    def dense(self) -> bool:
+        return self.region_shape is not None
+
+    def _run(self, x, target, alpha, region=None) -> dict:
+        return self.ex(x, target=target, alpha=alpha, region=region)
+
+    def scores(self, req: codec.Request, out: dict) -> np.ndarray:
+        """What the classes are ranked by, [n, classes]: the logits, or for a dense output its
+        logits summed over the request's region (every position when none was given), as
+        Explainer.maps computes them."""
+        logits = np.asarray(out[self.explained])
+        if not (self.dense and logits.ndim > 2):
+            return logits.reshape(req.n, -1)
+        axes = tuple(range(2, logits.ndim))
+        if req.region is None:
+            return logits.astype(np.float64).sum(axes)
+        return (logits.astype(np.float64) * req.region.mask.astype(np.float64)[:, None]).sum(axes)
 
     def describe(self) -> dict:
         ex = self.ex
         return {"model": self.name, "provider": ex.provider, "input": ex.input_name,
                 "input_shape": ex.input_shape, "outputs": ex.output_names, "methods": ex.methods,
                 "n_classes": ex.n_classes, "explained": self.explained,
+                "region": None if not self.dense else {
+                    "shape": self.region_shape,
+                    "box": "x0,y0,x1,y1 in model-input pixels (columns x0..x1-1, rows y0..y1-1)",
+                    "mask": f"[{', '.join(map(str, self.region_shape))}] or [n, ...]: the class is "
+                            "summed over the mask's weights"},
                 "alpha_default": ex.options.get("alpha_default"),
                 "image_input": None if self.images is None else {
                     "height": self.images.height, "width": self.images.width,
@@ -249,7 +274,9 @@ class Service:
         target, alpha, methods, fmt = codec.parse_options(self.ex, opts, x.shape[0], route)
         if route == "explain" and fmt != "array" and self.images is None:
             raise InputError("overlays (format png/both) need an image model")
-        return codec.Request(x, target, alpha, methods, fmt, pictures)
+        input_hw = None if self.images is None else (self.images.height, self.images.width)
+        region = codec.parse_region(self.ex, opts.get("region"), x.shape[0], input_hw, self.limits)
+        return codec.Request(x, target, alpha, methods, fmt, pictures, region)
 
     def _json(self, raw: bytes) -> dict:
         codec.json_guard(raw, self.limits)      # size, depth and token length, before parsing
@@ -290,21 +317,34 @@ class Service:
         return out
 
     async def run(self, req: codec.Request) -> dict:
-        return await self.batcher.submit(req.x, req.target, req.alpha, timeout=self.config.timeout_s)
+        return await self.batcher.submit(req.x, req.target, req.alpha, timeout=self.config.timeout_s,
+                                         region=None if req.region is None else req.region.mask)
+
+    def region_info(self, req: codec.Request) -> dict:
+        if req.region is not None:
+            return req.region.describe()
+        return {"kind": "all", "box": None, "positions": [math.prod(self.region_shape)] * req.n
+                if all(isinstance(d, int) for d in self.region_shape) else None}
 
     def predict_response(self, req: codec.Request, out: dict) -> dict:
-        scores = out[self.explained]
-        return {"model": self.name, "n": req.n,
-                "outputs": {k: out[k].tolist() for k in self.model_outputs},
-                "argmax": np.asarray(scores).reshape(req.n, -1).argmax(-1).tolist()}
+        scores = self.scores(req, out)
+        res = {"model": self.name, "n": req.n,
+               "outputs": {k: out[k].tolist() for k in self.model_outputs},
+               "argmax": scores.argmax(-1).tolist()}
+        if self.dense:      # the classes' region sums, which argmax ranks
+            res.update(scores=scores.tolist(), region=self.region_info(req))
+        return res
 
     def explain_response(self, req: codec.Request, out: dict) -> dict:
-        scores = np.asarray(out[self.explained]).reshape(req.n, -1)
+        scores = self.scores(req, out)
         target = scores.argmax(-1) if req.target is None else np.where(req.target < 0, scores.argmax(-1),
                                                                        req.target)
         alpha = req.alpha if req.alpha is not None else self.ex.options.get("alpha_default")
-        res = {"model": self.name, "n": req.n, "target": target.tolist(), "alpha": alpha,
-               "logits": scores.tolist()}
+        res = {"model": self.name, "n": req.n, "target": target.tolist(), "alpha": alpha}
+        if self.dense:      # the explained scalar: the class summed over the region
+            res.update(scores=scores.tolist(), region=self.region_info(req))
+        else:
+            res["logits"] = scores.tolist()
         if "g" in out and "h" in out:     # the DC streams of the explained class: f = g - h
             rows = np.arange(req.n)
             res.update({k: np.asarray(out[k]).reshape(req.n, -1)[rows, target].tolist() for k in ("g", "h")},
@@ -465,11 +505,17 @@ def log_config(level: str) -> dict:
                         for name in ("dconnx.serve", "uvicorn", "uvicorn.error")}}
 
 
-def run(model, host: str, port: int, config: ServeConfig) -> None:
+def make_server(model, host: str, port: int, config: ServeConfig):
+    """The uvicorn server of `dconnx serve` and `dconnx view` (one setup for both): the app, JSON
+    logs, the header-timeout protocol and the connection cap. Run it with `.run()`."""
     import uvicorn
-    app = create_app(model, config)
     from .protocol import guarded_h11
-    uvicorn.run(app, host=host, port=int(port), log_config=log_config(config.log_level), access_log=False,
-                limit_concurrency=None if config.max_connections is None else 4 * config.max_connections,
-                timeout_graceful_shutdown=5,
-                http=guarded_h11(config.header_timeout_s))
+    app = create_app(model, config)
+    return uvicorn.Server(uvicorn.Config(
+        app, host=host, port=int(port), log_config=log_config(config.log_level), access_log=False,
+        limit_concurrency=None if config.max_connections is None else 4 * config.max_connections,
+        timeout_graceful_shutdown=5, http=guarded_h11(config.header_timeout_s)))
+
+
+def run(model, host: str, port: int, config: ServeConfig) -> None:
+    make_server(model, host, port, config).run()

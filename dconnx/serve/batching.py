@@ -3,7 +3,8 @@
 One asyncio task collects requests from a queue for up to `max_delay` seconds or `max_batch`
 samples, runs them as one batch in a worker thread (onnxruntime releases the GIL) and hands
 each request its slice of every output. Requests with different alpha values run as separate
-calls of the same round (alpha is one scalar per call); per-sample targets are merged.
+calls of the same round (alpha is one scalar per call); per-sample targets and regions (dense
+models) are merged.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Job:
     target: np.ndarray | None
     alpha: float | None
     future: asyncio.Future
+    region: np.ndarray | None = None     # dense models: [n, *spatial] mask, None = every position
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -39,8 +41,9 @@ class Job:
         return int(self.x.shape[0])
 
 
-# run(x [N, ...], target [N] int64 or None, alpha or None) -> {output name: array with batch axis first}
-RunBatch = Callable[[np.ndarray, "np.ndarray | None", "float | None"], dict]
+# run(x [N, ...], target [N] int64 or None, alpha or None[, region [N, ...] or None])
+#   -> {output name: array with batch axis first}; region is passed only when some job has one
+RunBatch = Callable[..., dict]
 
 
 class MicroBatcher:
@@ -80,13 +83,14 @@ class MicroBatcher:
                 job.future.set_exception(ServerClosing("the server is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, x: np.ndarray, target=None, alpha=None, timeout: float | None = None) -> dict:
+    async def submit(self, x: np.ndarray, target=None, alpha=None, timeout: float | None = None,
+                     region=None) -> dict:
         """This request's outputs (its slice of the batch it ran in)."""
         if self._queue is None:
             raise ServerClosing("the batcher is not running")
         if self.depth >= self.max_queue:
             raise QueueFull(f"{self.depth} requests are waiting; the server accepts {self.max_queue}")
-        job = Job(x, target, alpha, asyncio.get_running_loop().create_future())
+        job = Job(x, target, alpha, asyncio.get_running_loop().create_future(), region)
         self._queue.put_nowait(job)
         # on timeout wait_for cancels the future, and the batch loop skips cancelled jobs
         return await asyncio.wait_for(job.future, timeout)
@@ -169,7 +173,13 @@ class MicroBatcher:
         else:
             target = np.concatenate([j.target if j.target is not None else np.full(j.n, -1, np.int64)
                                      for j in jobs])
-        return self.run(x, target, alpha)
+        given = [j.region for j in jobs if j.region is not None]
+        if not given:
+            return self.run(x, target, alpha)
+        spatial = given[0].shape[1:]      # a job without one: every position
+        region = np.concatenate([j.region if j.region is not None else np.ones((j.n, *spatial), given[0].dtype)
+                                 for j in jobs]) if len(jobs) > 1 else given[0]
+        return self.run(x, target, alpha, region)
 
     @staticmethod
     def _split(jobs: list[Job], outputs: dict) -> list[dict]:

@@ -46,10 +46,11 @@ class Limits:
     """What one request may cost, derived from the model's input (see json_guard, image_guard)."""
     input_elements: int        # elements of one sample
     max_samples: int           # samples in one request
+    region_elements: int = 0   # elements of one region mask (dense models; 0 otherwise)
 
     @property
     def max_values(self) -> int:
-        return self.input_elements * self.max_samples + JSON_SLACK
+        return (self.input_elements + self.region_elements) * self.max_samples + JSON_SLACK
 
     @property
     def max_image_bytes(self) -> int:
@@ -128,6 +129,7 @@ class Request:
     methods: list[str]
     format: str = "array"
     pictures: list = field(default_factory=list)   # RGB pictures when the inputs were images
+    region: "Region | None" = None    # dense models: the positions the class is summed over
 
     @property
     def n(self) -> int:
@@ -251,6 +253,91 @@ def parse_options(ex, opts: dict, n: int, route: str) -> tuple:
     if fmt not in FORMATS:
         raise InputError(f"format '{fmt}' is not one of {', '.join(FORMATS)}")
     return target, alpha, methods, fmt
+
+
+@dataclass
+class Region:
+    """A checked region of a dense model: the mask the model takes, and what the client sent."""
+    mask: np.ndarray                  # float32 [n, *output spatial]
+    kind: str                         # "box" or "mask"
+    box: list | None = None           # [x0, y0, x1, y1] in model-input pixels, for a box
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "box": self.box,
+                "positions": self.mask.reshape(self.mask.shape[0], -1).sum(1).tolist()}
+
+
+def _box_values(value) -> list | None:
+    """The four numbers of a box given as "x0,y0,x1,y1" or a flat list of four; None if not a box."""
+    if isinstance(value, str):
+        parts = value.split(",")
+        if len(parts) != 4:
+            return None
+        try:
+            return [float(p) for p in parts]
+        except ValueError:
+            raise InputError(f"region box '{value[:100]}' is not four integers x0,y0,x1,y1") from None
+    if isinstance(value, list) and len(value) == 4 and not any(isinstance(v, (list, dict)) for v in value):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise InputError(f"region box {str(value)[:100]} is not four integers x0,y0,x1,y1")
+        return [float(v) for v in value]
+    return None
+
+
+def box_mask(box: list, input_hw: tuple, output_hw: tuple) -> np.ndarray:
+    """A 0/1 mask of the output's positions under a box [x0, y0, x1, y1] of model-input pixels
+    (columns x0..x1-1, rows y0..y1-1). When the output is smaller than the input, every output
+    position whose cell overlaps the box is in."""
+    if not all(math.isfinite(v) and v == round(v) for v in box):
+        raise InputError(f"region box {box} must be four integers x0,y0,x1,y1 (model-input pixels)")
+    x0, y0, x1, y1 = (int(v) for v in box)
+    (hi, wi), (ho, wo) = input_hw, output_hw
+    if not (0 <= x0 < x1 <= wi and 0 <= y0 < y1 <= hi):
+        raise InputError(f"region box {x0},{y0},{x1},{y1} is empty or outside the model input's {wi}x{hi} "
+                         f"pixels (need 0 <= x0 < x1 <= {wi} and 0 <= y0 < y1 <= {hi})")
+    m = np.zeros((ho, wo), np.float32)
+    m[y0 * ho // hi:-(-y1 * ho // hi), x0 * wo // wi:-(-x1 * wo // wi)] = 1.0
+    return m
+
+
+def parse_region(ex, value, n: int, input_hw: tuple | None, limits: "Limits | None" = None) -> Region | None:
+    """A dense model's region from a request option: a box "x0,y0,x1,y1" or [x0, y0, x1, y1] in
+    model-input pixels, or a mask (nested lists or an encoded array) of the output's spatial size,
+    [H, W] for every sample or [n, H, W]. Form fields and query values carry the same as text
+    (a box, or the mask as JSON). None when no region was given (every position)."""
+    if value is None or value == "":
+        return None
+    if not getattr(ex, "accepts_region", False) or not hasattr(ex, "region_shape"):
+        raise OptionError("this model's explained output is not dense [batch, classes, H, W]: a region "
+                          "applies to segmentation models only")
+    want = list(ex.region_shape)
+    box = _box_values(value)
+    if box is None and isinstance(value, str):      # a mask sent as JSON text (form field, query)
+        raw = value.encode()
+        if limits is not None:
+            json_guard(raw, limits)
+        try:
+            value = json.loads(raw)
+        except (json.JSONDecodeError, ValueError, RecursionError):
+            raise Malformed("region is neither a box x0,y0,x1,y1 nor a JSON mask") from None
+        box = _box_values(value)
+    if box is not None:
+        if len(want) != 2 or not all(isinstance(d, int) for d in want) or input_hw is None:
+            raise InputError(f"a region box needs a 2-d output of fixed size and an image input; the "
+                             f"output's spatial size is {want}: send the region as a mask")
+        mask = box_mask(box, input_hw, tuple(want))[None]
+        region = Region(np.broadcast_to(mask, (n, *mask.shape[1:])).copy(), "box", [int(v) for v in box])
+    else:
+        if not isinstance(value, (list, dict)):
+            raise InputError(f"region must be a box x0,y0,x1,y1 or a mask array, got {type(value).__name__}")
+        mask = decode_array(value)
+        if mask.ndim not in (len(want), len(want) + 1):
+            raise InputError(f"region has shape {list(mask.shape)}; the explained output's spatial size is "
+                             f"{want} (a mask is [{', '.join(map(str, want))}] or [n, "
+                             f"{', '.join(map(str, want))}])")
+        mask = ex.check_region(mask.astype(np.float32, copy=False), n)
+        region = Region(np.broadcast_to(mask, (n, *mask.shape[1:])).astype(np.float32), "mask")
+    return region
 
 
 def check_samples(ex, x: np.ndarray, max_samples: int) -> np.ndarray:

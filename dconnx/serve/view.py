@@ -12,9 +12,7 @@ def view(model, host: str, port: int, config, open_browser: bool = True) -> None
     import socket
     import webbrowser
 
-    import uvicorn
-
-    from .app import create_app, log_config
+    from .app import make_server
     with socket.socket() as s:      # a port in use is refused here, before the model is loaded
         try:
             s.bind((host, int(port)))
@@ -22,10 +20,7 @@ def view(model, host: str, port: int, config, open_browser: bool = True) -> None
             raise OptionError(f"cannot listen on {host}:{port}: {e.strerror or e} (--port 0 picks a free "
                               "port)") from None
         port = s.getsockname()[1]
-    app = create_app(model, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_config=log_config(config.log_level),
-                                           access_log=False, limit_concurrency=config.max_connections,
-                                           timeout_graceful_shutdown=5))
+    server = make_server(model, host, port, config)     # the server of `dconnx serve`, timeouts included
     url = f"http://{host}:{port}/"
 
     def announce():

@@ -143,8 +143,9 @@ def encode_array(a: np.ndarray) -> dict:
             "b64": base64.b64encode(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()).decode()}
 
 
-def decode_array(obj) -> np.ndarray:
-    """Nested lists, or {"b64": ..., "dtype": ..., "shape": [...]} (little-endian), → float array."""
+def decode_array(obj, name: str = "'inputs'") -> np.ndarray:
+    """Nested lists, or {"b64": ..., "dtype": ..., "shape": [...]} (little-endian), → float array.
+    name: what the array is, in error messages."""
     if isinstance(obj, dict):
         missing = [k for k in ("b64", "shape") if k not in obj]
         if missing:
@@ -171,7 +172,7 @@ def decode_array(obj) -> np.ndarray:
     try:
         a = np.asarray(obj, dtype=np.float32)
     except (TypeError, ValueError) as e:
-        raise InputError(f"'inputs' must be a (nested) list of numbers or an encoded array: {e}") from None
+        raise InputError(f"{name} must be a (nested) list of numbers or an encoded array: {e}") from None
     return a
 
 
@@ -330,7 +331,10 @@ def parse_region(ex, value, n: int, input_hw: tuple | None, limits: "Limits | No
     else:
         if not isinstance(value, (list, dict)):
             raise InputError(f"region must be a box x0,y0,x1,y1 or a mask array, got {type(value).__name__}")
-        mask = decode_array(value)
+        try:
+            mask = decode_array(value, "region")
+        except InputError as e:
+            raise type(e)(str(e) if str(e).startswith("region") else f"region: {e}") from None
         if mask.ndim not in (len(want), len(want) + 1):
             raise InputError(f"region has shape {list(mask.shape)}; the explained output's spatial size is "
                              f"{want} (a mask is [{', '.join(map(str, want))}] or [n, "

@@ -1,6 +1,8 @@
 // The dconnx explanation page: one image, the model's top classes, and every map of the model
 // drawn over the image with the colormaps of `dconnx explain` (sent by /page/config).
 // What the page last received is kept in window.dconnxLast (raw map values as Float32Array).
+// A dense (segmentation) model also gets a region box, dragged on the image or typed, sent as
+// `region` with every request; its classes are ranked by their sum over the region.
 "use strict";
 (function () {
   const DEBOUNCE_MS = 150;      // one request per settled slider change
@@ -9,6 +11,7 @@
     config: null, model: null, H: 0, W: 0,
     file: null, fileName: "", picture: null,      // picture: Float32Array [H*W*3] in [0, 1]
     target: null, alpha: null, strength: 0.65,
+    dense: false, region: null, drag: null,       // region: [x0, y0, x1, y1] model-input pixels or null
     seq: 0, timer: null, controller: null, last: null,
   };
   window.dconnxRequests = 0;     // /explain requests sent
@@ -207,6 +210,7 @@
     f.append("image", state.file, state.fileName);
     if (state.target !== null) f.append("target", String(state.target));
     if (state.config.accepts_alpha) f.append("alpha", String(state.alpha));
+    if (state.dense && state.region) f.append("region", state.region.join(","));
     f.append("format", "array");
     return f;
   }
@@ -220,7 +224,7 @@
     if (state.controller) state.controller.abort();     // an answer for older settings is not drawn
     const controller = new AbortController();
     state.controller = controller;
-    const sent = { target: state.target, alpha: state.alpha };
+    const sent = { target: state.target, alpha: state.alpha, region: state.region ? state.region.slice() : null };
     setStatus("explaining…");
     const t0 = performance.now();
     window.dconnxRequests += 1;
@@ -250,9 +254,11 @@
       maps[m] = { shape, data: data.subarray(0, shape[0] * shape[1]) };
     }
     const one = (v) => (Array.isArray(v) ? v[0] : null);
+    const scores = body.scores || body.logits;     // a dense model's classes: their region sums
     state.last = {
       model: body.model, image: state.fileName, target: body.target[0], alpha: body.alpha,
-      requested: sent, logits: body.logits[0], g: one(body.g), h: one(body.h), f: one(body.f),
+      requested: sent, logits: body.logits ? body.logits[0] : null, scores: scores[0],
+      region: body.region || null, g: one(body.g), h: one(body.h), f: one(body.f),
       maps, ms: Math.round(ms),
     };
     window.dconnxLast = state.last;
@@ -271,10 +277,15 @@
     return names ? `${names[k]} (${k})` : String(k);
   }
   function renderClasses() {
-    const list = $("classes"), logits = state.last.logits;
+    const list = $("classes"), logits = state.last.scores, dense = state.dense;
     const top = Math.max(...logits), exps = logits.map((v) => Math.exp(v - top));
     const total = exps.reduce((a, b) => a + b, 0);
     const order = logits.map((v, k) => k).sort((a, b) => logits[b] - logits[a]).slice(0, 5);
+    // a dense model's region sums are no logits of one softmax: shown as they are
+    const describe = (k) => (dense ? `region sum ${fmt3g(logits[k])}`
+      : `${(exps[k] / total).toFixed(3)} · logit ${fmt3g(logits[k])}`);
+    const spoken = (k) => (dense ? `region sum ${fmt3g(logits[k])}`
+      : `softmax ${(exps[k] / total).toFixed(3)}, logit ${fmt3g(logits[k])}`);
     const focused = document.activeElement && document.activeElement.dataset
       ? document.activeElement.dataset.cls : undefined;
     list.replaceChildren();
@@ -286,10 +297,9 @@
       b.disabled = !state.config.accepts_target;
       const name = document.createElement("span"), score = document.createElement("span");
       name.textContent = className(k);
-      score.textContent = `${(exps[k] / total).toFixed(3)} · logit ${fmt3g(logits[k])}`;
+      score.textContent = describe(k);
       b.append(name, score);
-      b.setAttribute("aria-label", `explain class ${className(k)}: softmax ${(exps[k] / total).toFixed(3)}, ` +
-        `logit ${fmt3g(logits[k])}`);
+      b.setAttribute("aria-label", `explain class ${className(k)}: ${spoken(k)}`);
       b.addEventListener("click", () => { state.target = k; clearTimeout(state.timer); requestExplain(); });
       li.append(b);
       list.append(li);
@@ -301,7 +311,7 @@
     if (L.f !== null) {
       rows.push(["f = g − h", fmt3g(L.f)], ["g", fmt3g(L.g)], ["h", fmt3g(L.h)]);
     } else {
-      rows.push(["logit", fmt3g(L.logits[L.target])]);
+      rows.push([state.dense ? "region sum" : "logit", fmt3g(L.scores[L.target])]);
     }
     if (L.alpha !== null && L.alpha !== undefined) rows.push(["α", String(L.alpha)]);
     dl.replaceChildren();
@@ -310,15 +320,19 @@
       dt.textContent = k;
       dd.textContent = v;
       dd.id = "stream-" + k.split(" ")[0].replace("α", "alpha");
+      if (k === "region sum") dd.id = "stream-region";
       dl.append(dt, dd);
     }
   }
   function renderMaps() {
     if (!state.last) return;
-    const box = $("maps"), L = state.last;
+    const L = state.last;
+    const box = L.requested.region;
     $("maps-for").textContent = `for class ${className(L.target)}` +
-      (L.alpha !== null && L.alpha !== undefined ? `, α ${L.alpha}` : "");
-    box.replaceChildren();
+      (L.alpha !== null && L.alpha !== undefined ? `, α ${L.alpha}` : "") +
+      (state.dense ? (box ? `, summed over the box ${box.join(",")}` : ", summed over every position") : "");
+    const figures = $("maps");
+    figures.replaceChildren();
     for (const [m, map] of Object.entries(state.last.maps)) {
       const heat = resize(map.data, map.shape[0], map.shape[1], state.H, state.W);
       const st = styleOf(m, map.data);
@@ -347,10 +361,108 @@
         s.textContent = tickLabel(v);
         tk.append(s);
       }
-      row.append(canvas, bar, tk);
+      const wrap = document.createElement("div");
+      wrap.className = "overlay-wrap";
+      wrap.append(canvas);
+      if (box) {                            // the region the map explains, as on the image
+        const rect = document.createElement("div");
+        rect.className = "region-rect";
+        placeRect(rect, box);
+        wrap.append(rect);
+      }
+      row.append(wrap, bar, tk);
       fig.append(cap, row);
-      box.append(fig);
+      figures.append(fig);
     }
+  }
+
+  // -- the region box of a dense model -------------------------------------------------
+  const REGION_INPUTS = ["region-x0", "region-y0", "region-x1", "region-y1"];
+  function placeRect(el, box) {          // a box of model-input pixels, in % of the element's parent
+    const [x0, y0, x1, y1] = box;
+    el.style.left = `${(100 * x0) / state.W}%`;
+    el.style.top = `${(100 * y0) / state.H}%`;
+    el.style.width = `${(100 * (x1 - x0)) / state.W}%`;
+    el.style.height = `${(100 * (y1 - y0)) / state.H}%`;
+  }
+  function showRegion() {
+    const rect = $("region-rect"), box = state.region;
+    rect.hidden = !box;
+    if (box) placeRect(rect, box);
+    const shown = box || [0, 0, state.W, state.H];
+    REGION_INPUTS.forEach((id, i) => {
+      $(id).value = String(shown[i]);
+      $(id).removeAttribute("aria-invalid");
+    });
+    $("region-state").textContent = box ? `box ${box.join(",")}` : "every position";
+  }
+  function setRegion(box) {               // null: every position
+    state.region = box;
+    showRegion();
+    if (state.file) scheduleExplain();
+  }
+  function regionFromInputs() {
+    const v = REGION_INPUTS.map((id) => Number($(id).value));
+    const [x0, y0, x1, y1] = v;
+    const ok = REGION_INPUTS.every((id) => $(id).value !== "") &&
+      v.every(Number.isInteger) && x0 >= 0 && y0 >= 0 && x0 < x1 && y0 < y1 && x1 <= state.W && y1 <= state.H;
+    if (!ok) {                             // nothing is sent until the box is valid again
+      REGION_INPUTS.forEach((id) => $(id).setAttribute("aria-invalid", "true"));
+      $("region-state").textContent = `not a box: need integers 0 ≤ x0 < x1 ≤ ${state.W}, ` +
+        `0 ≤ y0 < y1 ≤ ${state.H}`;
+      return;
+    }
+    state.region = v;
+    REGION_INPUTS.forEach((id) => $(id).removeAttribute("aria-invalid"));
+    $("region-rect").hidden = false;
+    placeRect($("region-rect"), v);
+    $("region-state").textContent = `box ${v.join(",")}`;
+    if (state.file) scheduleExplain();
+  }
+  function pixelAt(e) {                   // the model-input pixel under the pointer
+    const r = $("picture").getBoundingClientRect();
+    const x = Math.floor(((e.clientX - r.left) / r.width) * state.W);
+    const y = Math.floor(((e.clientY - r.top) / r.height) * state.H);
+    return [Math.min(state.W - 1, Math.max(0, x)), Math.min(state.H - 1, Math.max(0, y))];
+  }
+  function dragBox(a, b) {                // every pixel between the two corners, both included
+    return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]) + 1, Math.max(a[1], b[1]) + 1];
+  }
+  function wireRegion() {
+    const canvas = $("picture");
+    $("picture-wrap").classList.add("dense");
+    $("region-box").hidden = false;
+    $("drop-help").textContent = "Drop an image here, or press Enter to choose a file; drag on the image to draw the region";
+    // on the image a click or drag draws the box (the rest of the drop zone still opens the chooser)
+    canvas.addEventListener("click", (e) => { if (state.file) e.stopPropagation(); });
+    canvas.addEventListener("pointerdown", (e) => {
+      if (!state.file || e.button !== 0) return;
+      e.preventDefault();
+      canvas.setPointerCapture(e.pointerId);
+      state.drag = pixelAt(e);
+      state.region = dragBox(state.drag, state.drag);
+      showRegion();
+    });
+    canvas.addEventListener("pointermove", (e) => {
+      if (!state.drag) return;
+      state.region = dragBox(state.drag, pixelAt(e));
+      showRegion();
+    });
+    const finish = (e) => {
+      if (!state.drag) return;
+      const box = dragBox(state.drag, pixelAt(e));
+      state.drag = null;
+      setRegion(box);
+    };
+    canvas.addEventListener("pointerup", finish);
+    canvas.addEventListener("pointercancel", finish);
+    for (const id of REGION_INPUTS) {
+      $(id).max = String(id.endsWith("0") ? (id.includes("x") ? state.W - 1 : state.H - 1)
+        : (id.includes("x") ? state.W : state.H));
+      $(id).addEventListener("input", regionFromInputs);
+    }
+    $("region-clear").addEventListener("click", () => setRegion(null));
+    showRegion();
   }
 
   // -- downloads ------------------------------------------------------------------
@@ -380,6 +492,7 @@
       model: L.model, image: L.image, target: L.target, class_name: names ? names[L.target] : null,
       alpha: L.alpha, logits: L.logits, g: L.g, h: L.h, f: L.f, maps: {},
     };
+    if (state.dense) { doc.region_sums = L.scores; doc.region = L.requested.region; }
     for (const [m, map] of Object.entries(L.maps)) doc.maps[m] = { shape: map.shape, values: Array.from(map.data) };
     save(new Blob([JSON.stringify(doc)], { type: "application/json" }), `${stem()}.maps.json`);
   }
@@ -433,6 +546,11 @@
       $("strength").value = String(config.overlay_strength);
       $("strength-value").textContent = String(config.overlay_strength);
       $("alpha-box").hidden = !config.accepts_alpha;
+      state.dense = Boolean(config.dense);
+      if (state.dense) {
+        $("classes-title").textContent = "Top classes by region sum";
+        wireRegion();
+      }
       if (config.accepts_alpha && config.alpha_default !== null && config.alpha_default !== undefined) {
         state.alpha = Number(config.alpha_default);
         $("alpha").value = String(state.alpha);

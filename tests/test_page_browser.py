@@ -444,6 +444,166 @@ def test_view_refuses_a_missing_model_and_a_busy_port(converted, tmp_path, capsy
     assert "cannot listen on" in capsys.readouterr().err
 
 
+# -- a dense (segmentation) model: the region box ------------------------------------
+SEG_SIZE = 16      # the U-Net of tests/test_segmentation.py: input and output 16x16
+
+
+@pytest.fixture(scope="module")
+def unet_model(tmp_path_factory) -> Path:
+    """The U-Net of tests/test_segmentation.py (random weights, randomized BatchNorm), converted
+    with three methods: output [batch, 4, 16, 16], a `region` input."""
+    import warnings
+
+    import torch
+    from helpers import export
+    from test_segmentation import UNet, _random_bn
+    torch.manual_seed(0)
+    net = _random_bn(UNet(), 1)
+    x = np.random.RandomState(0).randn(1, 3, SEG_SIZE, SEG_SIZE).astype(np.float32)
+    out = tmp_path_factory.mktemp("page-unet") / "unet.dc.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the CAMs at the input layer: fine here
+        dconnx.convert(export(net, torch.tensor(x)), out, methods=METHODS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unet_page(unet_model, tmp_path_factory):
+    _require_browser()
+    proc, url = start_server(unet_model, tmp_path_factory.mktemp("page-unet-log") / "serve.log")
+    driver = make_driver()
+    try:
+        driver.get(url + "/")
+        wait_js(driver, "window.dconnxReady")
+        yield driver
+    finally:
+        driver.quit()
+        stop(proc)
+
+
+def box_mask(box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    m = np.zeros((SEG_SIZE, SEG_SIZE), np.float32)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def settle(driver, updates: int) -> None:
+    wait_js(driver, f"window.dconnxUpdates > {updates}")
+    time.sleep(0.3)          # a debounced request still on its way would land by now
+
+
+def test_page_region_box_on_a_segmentation_model(unet_page, unet_model, tmp_path):
+    """A dense model gets the region box: dragged on the image, typed in the number inputs and
+    cleared; every request carries it, the maps the page receives are Explainer.maps for that
+    box (and differ from the full-image maps), the classes are ranked by their region sum."""
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    page = unet_page
+    ex = Explainer(unet_model)
+    assert page.find_element(By.ID, "region-box").is_displayed()
+    rgb = (np.random.RandomState(3).rand(SEG_SIZE, SEG_SIZE, 3) * 255).astype(np.uint8)
+    image = tmp_path / "street.png"
+    Image.fromarray(rgb).save(image)
+    x, _ = ImageInput.from_explainer(ex).load(image.read_bytes())
+    alpha = ex.options["alpha_default"]
+
+    upload(page, image)
+    assert page.execute_script("return window.dconnxErrors") == []
+    full = ex.maps(x[None], alpha=alpha)
+    assert page.execute_script("return window.dconnxLast.requested.region") is None
+    assert page.execute_script("return window.dconnxLast.target") == int(full.target[0])
+    assert_maps_equal(page_maps(page), full, "every position")
+
+    # drag from pixel (3, 2) to pixel (11, 8): the box 3,2,12,9 (columns 3..11, rows 2..8)
+    canvas = page.find_element(By.ID, "picture")
+    side = canvas.size["width"]
+    assert canvas.size["height"] == side
+    step = side / SEG_SIZE
+
+    def offset(px, py):      # selenium's offsets are from the element's centre
+        return int((px + 0.5) * step - side / 2), int((py + 0.5) * step - side / 2)
+    updates = page.execute_script("return window.dconnxUpdates")
+    ActionChains(page).move_to_element_with_offset(canvas, *offset(3, 2)).click_and_hold() \
+        .move_to_element_with_offset(canvas, *offset(7, 5)) \
+        .move_to_element_with_offset(canvas, *offset(11, 8)).release().perform()
+    settle(page, updates)
+    assert page.execute_script("return window.dconnxErrors") == []
+    box = [3, 2, 12, 9]
+    last = page.execute_script("return {region: window.dconnxLast.requested.region, target: "
+                               "window.dconnxLast.target, scores: window.dconnxLast.scores, "
+                               "sent: window.dconnxLast.region, f: window.dconnxLast.f}")
+    assert last["region"] == box and last["sent"]["kind"] == "box" and last["sent"]["box"] == box
+    assert [int(page.find_element(By.ID, f"region-{k}").get_attribute("value"))
+            for k in ("x0", "y0", "x1", "y1")] == box
+    want = ex.maps(x[None], alpha=alpha, region=box_mask(box))
+    assert last["target"] == int(want.target[0])
+    assert_maps_equal(page_maps(page), want, "box 3,2,12,9")
+    for m in ex.methods:     # the box reaches the maps: they are not the full-image ones
+        assert not np.allclose(want[m], full[m], rtol=1e-3, atol=1e-6 * np.abs(full[m]).max()), m
+    np.testing.assert_allclose(last["scores"], want.scores[0], rtol=1e-5, atol=1e-5)
+    assert last["f"] == pytest.approx(float(want.scores[0, last["target"]]), rel=1e-5, abs=1e-5)
+    order = [int(b.get_attribute("data-cls")) for b in page.find_elements(By.CSS_SELECTOR, "#classes button")]
+    assert order == list(np.argsort(-want.scores[0], kind="stable")[:5])
+    assert "region sum" in page.find_element(By.ID, "classes").text
+    # the box is drawn over the image (and over each map) where it is
+    rect = page.find_element(By.ID, "region-rect")
+    assert rect.is_displayed()
+    pic = canvas.rect
+    got = rect.rect
+    assert abs(got["x"] - (pic["x"] + 3 * step)) <= 1 and abs(got["y"] - (pic["y"] + 2 * step)) <= 1
+    assert abs(got["width"] - 9 * step) <= 1 and abs(got["height"] - 7 * step) <= 1
+    assert len(page.find_elements(By.CSS_SELECTOR, "#maps .region-rect")) == len(ex.methods)
+    save_screenshot(page, tmp_path / "page_region_box.png")
+    shot = tmp_path / "page_region_box.png"
+    assert shot.stat().st_size > 5_000
+
+    # the keyboard: another class, then x1 typed and y0 stepped with the arrow keys
+    pick = next(k for k in order if k != last["target"])
+    updates = page.execute_script("return window.dconnxUpdates")
+    page.find_element(By.CSS_SELECTOR, f"#classes button[data-cls='{pick}']").send_keys(Keys.ENTER)
+    settle(page, updates)
+    assert_maps_equal(page_maps(page), ex.maps(x[None], target=pick, alpha=alpha, region=box_mask(box)),
+                      f"class {pick}, box {box}")
+    updates = page.execute_script("return window.dconnxUpdates")
+    x1 = page.find_element(By.ID, "region-x1")
+    x1.send_keys(Keys.CONTROL, "a")
+    x1.send_keys("8")
+    page.find_element(By.ID, "region-y0").send_keys(Keys.ARROW_UP * 3)
+    settle(page, updates)
+    box = [3, 5, 8, 9]
+    assert page.execute_script("return window.dconnxLast.requested.region") == box
+    assert page.execute_script("return window.dconnxLast.target") == pick      # the chosen class stays
+    assert_maps_equal(page_maps(page), ex.maps(x[None], target=pick, alpha=alpha, region=box_mask(box)),
+                      f"class {pick}, typed box {box}")
+    # an impossible box is not sent; the inputs say so
+    requests = page.execute_script("return window.dconnxRequests")
+    x0 = page.find_element(By.ID, "region-x0")
+    x0.send_keys(Keys.CONTROL, "a")
+    x0.send_keys("9")
+    time.sleep(0.4)
+    assert page.execute_script("return window.dconnxRequests") == requests
+    assert x0.get_attribute("aria-invalid") == "true"
+    assert "not a box" in page.find_element(By.ID, "region-state").text
+    # Clear: every position again
+    updates = page.execute_script("return window.dconnxUpdates")
+    page.find_element(By.ID, "region-clear").send_keys(Keys.ENTER)
+    settle(page, updates)
+    assert page.execute_script("return window.dconnxLast.requested.region") is None
+    assert not page.find_element(By.ID, "region-rect").is_displayed()
+    assert_maps_equal(page_maps(page), ex.maps(x[None], target=pick, alpha=alpha), f"class {pick}, cleared")
+    assert page.execute_script("return window.dconnxErrors") == []
+
+
+def test_page_has_no_region_box_for_a_classifier(page):
+    from selenium.webdriver.common.by import By
+    upload(page, EXAMPLES / "ring.png")
+    assert not page.find_element(By.ID, "region-box").is_displayed()
+    assert page.execute_script("return window.dconnxLast.requested.region") is None
+
+
 def take_docs_screenshot(out: Path) -> Path:
     """The README's screenshot: the fixture with three methods, the checker example explained."""
     from selenium.webdriver.common.by import By

@@ -276,3 +276,41 @@ def test_view_runs_serve_server_with_the_header_timeout(unet, tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_region_fuzz_no_5xx(server):
+    """Random JSON values as `region` (in the body, as a form field, as a query value): 200 or a
+    4xx JSON error, never a 5xx."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-40, 40), st.floats(allow_nan=True),
+                        st.text(max_size=12))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=18),
+                                                           st.dictionaries(st.sampled_from(["b64", "shape", "dtype"]),
+                                                                           inner, max_size=3)),
+                          max_leaves=40)
+    x = b64(seg_inputs(1))
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(region=values, how=st.sampled_from(["json", "form", "query"]))
+        def check(region, how):
+            if how == "json":
+                r = http.post("/explain", content=json.dumps({"inputs": x, "region": region}),
+                              headers={"content-type": "application/json"})
+            else:
+                text = region if isinstance(region, str) else json.dumps(region)
+                png = io.BytesIO()
+                from PIL import Image
+                Image.new("RGB", (SIZE, SIZE), (90, 40, 200)).save(png, "PNG")
+                if how == "form":
+                    r = http.post("/explain", files={"image": ("a.png", png.getvalue(), "image/png")},
+                                  data={"region": text})
+                else:
+                    r = http.post("/explain", params={"region": text}, content=png.getvalue(),
+                                  headers={"content-type": "image/png"})
+            assert r.status_code < 500, (region, how, r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert isinstance(r.json().get("error"), str), r.text[:300]
+        check()
+    assert httpx.get(server.url + "/healthz").status_code == 200

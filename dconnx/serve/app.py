@@ -162,7 +162,8 @@ class Service:
         if self.images is not None:
             elements = max(elements, self.images.height * self.images.width * self.images.channels)
         # a dense output [batch, classes, *spatial] is explained over a region of its positions
-        self.region_shape = list(getattr(ex, "region_shape", [])) if ex.accepts_region else None
+        shape = getattr(ex, "region_shape", None) if ex.accepts_region else None
+        self.region_shape = list(shape) if shape else None
         region_elements = (math.prod(d if isinstance(d, int) and d > 0 else 1 for d in self.region_shape)
                            if self.region_shape else 0)
         self.limits = codec.Limits(int(elements), config.max_request_samples, int(region_elements))

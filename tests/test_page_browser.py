@@ -471,7 +471,7 @@ def unet_model(tmp_path_factory) -> Path:
 def unet_page(unet_model, tmp_path_factory):
     _require_browser()
     proc, url = start_server(unet_model, tmp_path_factory.mktemp("page-unet-log") / "serve.log")
-    driver = make_driver()
+    driver = make_driver(window=(1200, 1100))     # the region box and the class list in the screenshot
     try:
         driver.get(url + "/")
         wait_js(driver, "window.dconnxReady")
@@ -504,6 +504,10 @@ def test_page_region_box_on_a_segmentation_model(unet_page, unet_model, tmp_path
     page = unet_page
     ex = Explainer(unet_model)
     assert page.find_element(By.ID, "region-box").is_displayed()
+    unnamed = page.execute_script(     # the region's inputs and button have accessible names too
+        "return Array.from(document.querySelectorAll('#region-box input, #region-box button')).filter(e =>"
+        " !(e.labels && e.labels.length) && !e.textContent.trim()).map(e => e.outerHTML)")
+    assert not unnamed, unnamed
     rgb = (np.random.RandomState(3).rand(SEG_SIZE, SEG_SIZE, 3) * 255).astype(np.uint8)
     image = tmp_path / "street.png"
     Image.fromarray(rgb).save(image)

@@ -24,6 +24,7 @@ class Options:
     ties: str = "strict"               # "strict": 1[x > 0]; "geq": 1[x >= 0]
     linear_form: str = "sumdiff"       # "sumdiff" (two products) | "four" (four products)
     share_forward: bool = True         # reuse the original activations for recentered streams
+    weight_variants: str = "session"   # "session" | "per-run" | "precomputed" (dconnx/ops/base.py)
     fold_batchnorm: bool = True        # False: keep BN as its own shift point (the authors' reading)
     readable_names: bool = False       # descriptive names for generated tensors (bigger file)
     channel_axis: int | None = None    # channel axis of the input (None: detected; NCHW → 1, NHWC → 3)
@@ -50,6 +51,7 @@ class Options:
         "relu_backward": ("standard", "sum", "mask_diff"),
         "ties": ("strict", "geq"),
         "linear_form": ("sumdiff", "four"),
+        "weight_variants": ("session", "per-run", "precomputed"),
         "normalize": ("none", "max", "minmax"),
         "precision": ("float32", "float16"),
         "ig_method": ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"),

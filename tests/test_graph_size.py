@@ -6,14 +6,20 @@ import pytest
 
 import dconnx
 
-# Products per original Conv, by what the requested methods need:
+# Products per original Conv, by what the requested methods need (weight_variants="session",
+# the default: the session holds W and |W| only):
 # the forward Conv itself; SplitGrad/SplitCAM: |W|ᵀ on σ and Wᵀ on ∇ (2);
-# SplitLRP: |W| on the input streams for the ε denominators (1) and one transposed product,
-# W⁺ᵀ (1): under recentering a Relu output has no n-stream and its relevance no N part, so
-# only the input layer, whose image has both streams, needs a second one (W⁻ᵀ).
-PER_CONV = {"": 1, "splitgrad": 3, "splitcam": 3, "splitgrad,splitcam": 3, "splitlrp": 3,
-            "splitgrad,splitcam,splitlrp": 5}
-INPUT_LAYER_EXTRA = {"splitlrp": 1, "splitgrad,splitcam,splitlrp": 1}
+# SplitLRP: |W| on the input streams for the ε denominators (1) and its transposed products,
+# W⁺ᵀs = ½(|W|ᵀs + Wᵀs) (2): under recentering a Relu output has no n-stream and its relevance
+# no N part, so the input layer, whose image has both streams, takes W⁻ᵀs = ½(|W|ᵀs − Wᵀs)
+# from the same two products.
+PER_CONV = {"": 1, "splitgrad": 3, "splitcam": 3, "splitgrad,splitcam": 3, "splitlrp": 4,
+            "splitgrad,splitcam,splitlrp": 6}
+INPUT_LAYER_EXTRA = {}
+# weight_variants="precomputed" (W⁺ and W⁻ folded at session start): SplitLRP needs one transposed
+# product, W⁺ᵀ, and the input layer a second one, W⁻ᵀ
+PER_CONV_PRECOMPUTED = {**PER_CONV, "splitlrp": 3, "splitgrad,splitcam,splitlrp": 5}
+INPUT_LAYER_EXTRA_PRECOMPUTED = {"splitlrp": 1, "splitgrad,splitcam,splitlrp": 1}
 
 
 def _stream_relus(model):
@@ -41,6 +47,9 @@ def test_products_per_conv(arch, exporter, methods, zoo_model, request):
     converted = dconnx.convert(path, methods=methods).model
     n, counts = _products(converted)
     assert n == PER_CONV[methods] * n_conv + INPUT_LAYER_EXTRA.get(methods, 0), (n, n_conv, counts)
+    if "splitlrp" in methods:
+        n_pre, _ = _products(dconnx.convert(path, methods=methods, weight_variants="precomputed").model)
+        assert n_pre == PER_CONV_PRECOMPUTED[methods] * n_conv + INPUT_LAYER_EXTRA_PRECOMPUTED[methods]
     if methods:
         # one mask per Relu, shared by every method; SplitLRP alone needs none (recentered Relus
         # pass its relevance unchanged)

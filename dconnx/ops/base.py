@@ -10,12 +10,25 @@ its transpose (backward) with a chosen weight variant:
 
 `deflinear` declares such an op's OpSpec, its split and backward rules built
 from one map factory, as JAX's `deflinear` does for linear primitives.
+
+Which weight-derived tensors the session holds (option `weight_variants`):
+
+    "session"      W and |W| only, |W| folded once at session start: a signed-weight
+                   map's W⁺ and W⁻ products are the half-sum and half-difference of its
+                   W and |W| products, W⁺x = ½(|W|x + Wx), W⁻x = ½(|W|x − Wx), and a
+                   convolution's adjoint reads the same tensors (no flipped copies).
+    "per-run"      W only: each weight with a variant is an overridable initializer, so
+                   the runtime cannot fold what is computed from it; |W| is recomputed on
+                   every run (least memory, slower).
+    "precomputed"  every variant the rules use (W⁺, W⁻, flipped adjoint kernels) folded
+                   at session start (fastest; up to five copies of a convolution weight).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import onnx
+from onnx import helper
 
 from ..compilation import Compilation, StreamPair
 from ..ir import attrs
@@ -24,11 +37,17 @@ from .registry import OpSpec, op_spec
 NONNEG_VARIANTS = ("W", "abs", "pos")
 
 
+SIGNED_PARTS = ("pos", "neg")
+
+
 def weight_variant(comp: Compilation, w: str, variant: str) -> str:
     """A variant of a constant tensor, computed in the graph from the original
-    initializer (onnxruntime folds it once at session start; the file keeps one copy)."""
+    initializer (the file keeps one copy): folded once at session start, or on every run
+    where `weight_variants` is "per-run" (the initializer is made overridable)."""
     if variant == "W":
         return w
+    if comp.opts.weight_variants == "per-run":
+        computed_per_run(comp, w)
     b = comp.b
 
     def make():
@@ -43,6 +62,30 @@ def weight_variant(comp: Compilation, w: str, variant: str) -> str:
             return b.add(w, b.mul(b.relu(w), b.scalar(g)), hint=f"{w}::gamma")
         raise ValueError(f"unknown weight variant {variant!r}")
     return comp.cached(("weight", w, variant), make)
+
+
+def computed_per_run(comp: Compilation, w: str) -> None:
+    """List the initializer w among the graph inputs (an overridable initializer with its
+    stored value as default): onnxruntime folds only constants, so what is computed from w
+    is computed on every run and never held by the session."""
+    init = comp.view.initializers.get(w)
+    if init is None:
+        return      # computed from other constants (a flipped kernel): per run where they are
+
+    def declare():
+        comp.new_inputs.append(helper.make_tensor_value_info(w, init.data_type, list(init.dims)))
+        return w
+    comp.cached(("per_run", w), declare)
+
+
+def signed_part(comp: Compilation, product: Callable[[str, str], str], x: str, variant: str,
+                key: tuple) -> str:
+    """W⁺x = ½(|W|x + Wx) or W⁻x = ½(|W|x − Wx) from the W and |W| products of x (each
+    built once per x and shared by both parts): the session keeps W and |W|, not W⁺, W⁻."""
+    b = comp.b
+    s = comp.cached(key + (x, "abs"), lambda: product(x, "abs"))
+    d = comp.cached(key + (x, "W"), lambda: product(x, "W"))
+    return b.half(b.add(s, d) if variant == "pos" else b.sub(s, d))
 
 
 class LinearMap:
@@ -86,6 +129,14 @@ class LinearMap:
         """The weight as a numpy array (for per-layer α), or None."""
         w = self.weight()
         return None if w is None else self.comp.view.const(w)
+
+    def _products(self, product: Callable[[str, str], str], x: str, variant: str, key: str) -> str:
+        """product(x, variant) for a signed weight: W⁺/W⁻ as half-sums and half-differences of
+        the W and |W| products unless every variant is precomputed; each product built once."""
+        k = ("product", self.y, key)
+        if variant in SIGNED_PARTS and self.comp.opts.weight_variants != "precomputed":
+            return signed_part(self.comp, product, x, variant, k)
+        return self.comp.cached(k + (x, variant), lambda: product(x, variant))
 
     def _nonneg_variant(self, variant: str) -> str | None:
         """For nonneg maps: the variant to use, or None when it is zero."""

@@ -9,15 +9,62 @@ from __future__ import annotations
 
 from ..errors import UnsupportedOpError
 from ..ir import attrs, node_label
-from .base import LinearMap, deflinear, weight_variant
+from .base import SIGNED_PARTS, LinearMap, deflinear, weight_variant
 from .checks import all_of, constant_parameters, one_data_operand
 
 
-class ConvMap(LinearMap):
+class ConvFamilyMap(LinearMap):
+    """Conv and ConvTranspose, each the other's adjoint: the forward product is `forward_op`
+    with the weight (or a variant) and the node's own geometry, the transposed product the
+    other op with the same weight tensor. Subclasses set the geometry (k, nd, strides, dil,
+    pads, group) and `_forward_attrs`."""
+    forward_op = "Conv"
+
     def __init__(self, comp, node):
         super().__init__(comp, node, node.input[0], node.output[0])
         self.w = node.input[1]
         self.c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+    def weight(self):
+        return self.w
+
+    def _forward_attrs(self) -> dict:
+        return dict(kernel_shape=self.k, strides=self.strides, dilations=self.dil, pads=self.pads,
+                    group=self.group)
+
+    def apply(self, x, variant="W"):
+        return self._products(lambda v, var: self._forward(v, var, False), x, variant, "apply")
+
+    def apply_biased(self, x, variant="W"):
+        if self.c is None or variant in SIGNED_PARTS:
+            return super().apply_biased(x, variant)
+        return self._products(lambda v, var: self._forward(v, var, True), x, variant, "apply_biased")
+
+    def _forward(self, x, variant, biased):
+        ins = [x, weight_variant(self.comp, self.w, variant)]
+        if biased:
+            ins.append(weight_variant(self.comp, self.c, variant))
+        op = self.forward_op
+        return self.b.op(op, ins, **self._forward_attrs(),
+                         hint=f"{self.y}::{op.lower()}.{variant}{'b' if biased else ''}")
+
+    def bias(self, variant="W"):
+        if self.c is None:
+            return None
+        shape = [-1] + [1] * self.nd
+        c = self.comp.cached(("convbias", self.c), lambda: self.b.reshape(self.c, shape))
+        return weight_variant(self.comp, c, variant)
+
+    def transpose(self, ct, variant="W"):
+        return self._products(self._adjoint, ct, variant, "transpose")
+
+    def _adjoint(self, ct, variant):
+        raise NotImplementedError
+
+
+class ConvMap(ConvFamilyMap):
+    def __init__(self, comp, node):
+        super().__init__(comp, node)
         wshape = comp.view.shape(self.w)
         self.k = list(self.attrs.get("kernel_shape", wshape[2:]))
         nd = len(self.k)
@@ -28,30 +75,6 @@ class ConvMap(LinearMap):
         self.group = int(self.attrs.get("group", 1))
         self.cout = wshape[0]
         self.cin_g = wshape[1]
-
-    def weight(self):
-        return self.w
-
-    def apply(self, x, variant="W"):
-        return self._conv(x, variant, biased=False)
-
-    def apply_biased(self, x, variant="W"):
-        return self._conv(x, variant, biased=self.c is not None)
-
-    def _conv(self, x, variant, biased):
-        ins = [x, weight_variant(self.comp, self.w, variant)]
-        if biased:
-            ins.append(weight_variant(self.comp, self.c, variant))
-        return self.b.op("Conv", ins, kernel_shape=self.k, strides=self.strides,
-                         dilations=self.dil, pads=self.pads, group=self.group,
-                         hint=f"{self.y}::conv.{variant}{'b' if biased else ''}")
-
-    def bias(self, variant="W"):
-        if self.c is None:
-            return None
-        shape = [-1] + [1] * self.nd
-        c = self.comp.cached(("convbias", self.c), lambda: self.b.reshape(self.c, shape))
-        return weight_variant(self.comp, c, variant)
 
     def _flipped(self, variant):
         """Kernel of the adjoint as a stride-1 Conv: in/out channels swapped per group, space
@@ -72,7 +95,10 @@ class ConvMap(LinearMap):
         base = self.comp.cached(("flipT", self.w), make_base)
         return weight_variant(self.comp, base, variant)
 
-    def transpose(self, ct, variant="W"):
+    def _adjoint(self, ct, variant):
+        """ConvTranspose with the weight the forward product reads; only where every variant is
+        precomputed, a stride-1 Conv with the flipped kernel (faster in onnxruntime, but its
+        flipped copies stay in the session beside the forward kernels)."""
         b = self.b
         in_shape = self.comp.view.shape(self.x)
         out_shape = self.comp.view.shape(self.y)
@@ -80,7 +106,8 @@ class ConvMap(LinearMap):
         reach = [self.dil[i] * (self.k[i] - 1) for i in range(nd)]
         flip_pads = [reach[i] - self.pads[i] for i in range(nd)] + \
                     [reach[i] - self.pads[nd + i] for i in range(nd)]
-        if all(s == 1 for s in self.strides) and all(p >= 0 for p in flip_pads):
+        if self.comp.opts.weight_variants == "precomputed" and all(s == 1 for s in self.strides) \
+                and all(p >= 0 for p in flip_pads):
             return b.op("Conv", [ct, self._flipped(variant)], kernel_shape=self.k, strides=[1] * nd,
                         dilations=self.dil, pads=flip_pads, group=self.group,
                         hint=f"{self.x}::convT.{variant}")
@@ -112,10 +139,12 @@ class GemmMap(LinearMap):
         return self.w
 
     def apply(self, x, variant="W"):
-        return self._gemm(x, variant, biased=False)
+        return self._products(lambda v, var: self._gemm(v, var, False), x, variant, "apply")
 
     def apply_biased(self, x, variant="W"):
-        return self._gemm(x, variant, biased=self.c is not None)
+        if self.c is None or variant in SIGNED_PARTS:
+            return super().apply_biased(x, variant)
+        return self._products(lambda v, var: self._gemm(v, var, True), x, variant, "apply_biased")
 
     def _gemm(self, x, variant, biased):
         ins = [x, weight_variant(self.comp, self.w, variant)] + ([self.bias(variant)] if biased else [])
@@ -126,8 +155,9 @@ class GemmMap(LinearMap):
         return None if self.c is None else weight_variant(self.comp, self.c, variant)
 
     def transpose(self, ct, variant="W"):
-        return self.b.op("Gemm", [ct, weight_variant(self.comp, self.w, variant)],
-                         transB=(1 - self.trans_b) or None, hint=f"{self.x}::gemmT.{variant}")
+        return self._products(lambda v, var: self.b.op(
+            "Gemm", [v, weight_variant(self.comp, self.w, var)], transB=(1 - self.trans_b) or None,
+            hint=f"{self.x}::gemmT.{var}"), ct, variant, "transpose")
 
 
 class MatMulMap(LinearMap):
@@ -141,13 +171,16 @@ class MatMulMap(LinearMap):
         return self.w
 
     def apply(self, x, variant="W"):
-        return self.b.op("MatMul", [x, weight_variant(self.comp, self.w, variant)],
-                         hint=f"{self.y}::matmul.{variant}")
+        return self._products(lambda v, var: self.b.op(
+            "MatMul", [v, weight_variant(self.comp, self.w, var)], hint=f"{self.y}::matmul.{var}"),
+            x, variant, "apply")
 
     def transpose(self, ct, variant="W"):
-        wt = self.comp.cached(("matmulT", self.w, variant), lambda: self.b.op(
-            "Transpose", [weight_variant(self.comp, self.w, variant)], perm=[1, 0]))
-        return self.b.op("MatMul", [ct, wt], hint=f"{self.x}::matmulT.{variant}")
+        def product(v, var):
+            wt = self.comp.cached(("matmulT", self.w, var), lambda: self.b.op(
+                "Transpose", [weight_variant(self.comp, self.w, var)], perm=[1, 0]))
+            return self.b.op("MatMul", [v, wt], hint=f"{self.x}::matmulT.{var}")
+        return self._products(product, ct, variant, "transpose")
 
 
 def _check_conv(view, node, data_in, final):

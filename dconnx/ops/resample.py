@@ -19,6 +19,7 @@ from ..errors import UnsupportedOpError
 from ..ir import node_label
 from .registry import canonical_rewrite
 from .base import LinearMap, deflinear, weight_variant
+from .linear import ConvFamilyMap
 from .checks import all_of, constant_parameters, one_data_operand
 
 # inputs whose float type ONNX fixes whatever the data's type (roi, scales): a model cast to
@@ -251,12 +252,12 @@ canonical_rewrite("Upsample", "resample", "Resize with asymmetric coordinates (n
 
 
 # -- ConvTranspose ------------------------------------------------------------
-class ConvTransposeMap(LinearMap):
+class ConvTransposeMap(ConvFamilyMap):
+    forward_op = "ConvTranspose"
+
     def __init__(self, comp, node):
-        super().__init__(comp, node, node.input[0], node.output[0])
+        super().__init__(comp, node)
         view = comp.view
-        self.w = node.input[1]
-        self.c = node.input[2] if len(node.input) > 2 and node.input[2] else None
         wshape = view.shape(self.w)
         a = self.attrs
         self.k = list(a.get("kernel_shape", wshape[2:]))
@@ -287,32 +288,11 @@ class ConvTransposeMap(LinearMap):
             raise UnsupportedOpError([(node_label(node), "ConvTranspose",
                                        f"negative pads {self.pads} / output padding {self.out_pad}")])
 
-    def weight(self):
-        return self.w
+    def _forward_attrs(self) -> dict:
+        return dict(super()._forward_attrs(),
+                    output_padding=self.out_pad if any(self.out_pad) else None)
 
-    def apply(self, x, variant="W"):
-        return self._convt(x, variant, biased=False)
-
-    def apply_biased(self, x, variant="W"):
-        return self._convt(x, variant, biased=self.c is not None)
-
-    def _convt(self, x, variant, biased):
-        ins = [x, weight_variant(self.comp, self.w, variant)]
-        if biased:
-            ins.append(weight_variant(self.comp, self.c, variant))
-        return self.b.op("ConvTranspose", ins, kernel_shape=self.k, strides=self.strides,
-                         dilations=self.dil, pads=self.pads, group=self.group,
-                         output_padding=self.out_pad if any(self.out_pad) else None,
-                         hint=f"{self.y}::convt.{variant}{'b' if biased else ''}")
-
-    def bias(self, variant="W"):
-        if self.c is None:
-            return None
-        shape = [-1] + [1] * self.nd
-        c = self.comp.cached(("convbias", self.c), lambda: self.b.reshape(self.c, shape))
-        return weight_variant(self.comp, c, variant)
-
-    def transpose(self, ct, variant="W"):
+    def _adjoint(self, ct, variant):
         b = self.b
         out = b.op("Conv", [ct, weight_variant(self.comp, self.w, variant)], kernel_shape=self.k,
                    strides=self.strides, dilations=self.dil, pads=self.pads, group=self.group,

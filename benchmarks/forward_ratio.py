@@ -8,7 +8,11 @@ provider (`--threads`, default 2), two warm-up calls each, then `--rounds` inter
 ratio to the original's median measured side by side.
 
     .venv/bin/python benchmarks/forward_ratio.py [--models efficientnet_b0,mobilenet_v3_large]
-        [--batches 1,8] [--rounds 7] [--threads 2] [--out DIR]
+        [--batches 1,8] [--rounds 7] [--threads 2] [--out DIR] [--baseline REV] [--only-splitgrad] [--profile]
+
+`--baseline REV[,REV…]` adds "splitgrad @REV" per revision: the same model converted by the
+dconnx of that git revision (exported with `git archive` into a temporary folder, converted in
+a subprocess), timed in the same interleaved rounds, so before/after ratios come from one run.
 
 Prints a markdown table and writes DIR/forward_ratio.json (default benchmarks/out/).
 """
@@ -18,7 +22,9 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,15 +70,38 @@ def timed(sess, feeds) -> float:
     return time.perf_counter() - t0
 
 
-def measure(name: str, batches, rounds: int, threads: int, cache: Path) -> list[dict]:
+def baseline_tree(rev: str) -> Path:
+    """The dconnx source of git revision `rev`, unpacked into a temporary folder."""
+    dest = Path(tempfile.mkdtemp(prefix="dconnx-baseline-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "dconnx", "passes", "pyproject.toml"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    (dest / "passes").rename(dest / "dconnx" / "passes")      # installed as dconnx.passes
+    return dest
+
+
+def convert_with(tree: Path, src: Path, dst: Path) -> onnx.ModelProto:
+    """SplitGrad conversion of `src` by the dconnx under `tree` (a separate process)."""
+    code = ("import sys, onnx, dconnx; assert dconnx.__file__.startswith(sys.argv[3]), dconnx.__file__; "
+            "onnx.save(dconnx.convert(sys.argv[1], methods='splitgrad').model, sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(src), str(dst), str(tree)], check=True, cwd=str(tree),
+                   env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"})
+    return onnx.load(str(dst))
+
+
+def measure(name: str, batches, rounds: int, threads: int, cache: Path, baseline=None,
+            heads: bool = True, profile: bool = False) -> list[dict]:
     path = cache / f"{name}-224.onnx"
     if not path.exists():
         onnx.save(export(build(name), torch.zeros(1, 3, 224, 224)), path)
     model = onnx.load(str(path))
-    cands = {"original": model,
-             "splitgrad": dconnx.convert(model, methods="splitgrad").model,
-             "all three heads": dconnx.convert(model, methods=("splitgrad", "splitcam", "splitlrp"),
-                                               layer=first_relu_layer(model)).model}
+    cands = {"original": model}
+    for rev, tree in baseline or ():
+        cands[f"splitgrad @{rev}"] = convert_with(tree, path, cache / f"{name}-224.{rev}.dc.onnx")
+    cands["splitgrad"] = dconnx.convert(model, methods="splitgrad").model
+    if heads:
+        cands["all three heads"] = dconnx.convert(model, methods=("splitgrad", "splitcam", "splitlrp"),
+                                                  layer=first_relu_layer(model)).model
     sessions = {k: make_session(m, ["CPUExecutionProvider"], threads=threads) for k, m in cands.items()}
     rows = []
     for batch in batches:
@@ -91,7 +120,34 @@ def measure(name: str, batches, rounds: int, threads: int, cache: Path) -> list[
             rows.append(dict(model=name, batch=batch, candidate=k, median_ms=round(1000 * med, 1),
                              ratio=round(med / base, 2)))
             print(_line(rows[-1]), flush=True)
+        if profile:
+            print(op_profile(cands["splitgrad"], feeds["splitgrad"], threads, f"{name} b{batch} splitgrad"))
     return rows
+
+
+def op_profile(model: onnx.ModelProto, feeds, threads: int, title: str, top: int = 10) -> str:
+    """onnxruntime's per-op kernel time (enable_profiling; two warm-ups, then the mean of three
+    runs) as a markdown table."""
+    import collections
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    kernels = kernels[2 * (len(kernels) // 5):]             # after the two warm-ups
+    ms, count = collections.Counter(), collections.Counter()
+    for e in kernels:
+        ms[e["args"]["op_name"]] += e["dur"] / 3000
+        count[e["args"]["op_name"]] += 1
+    total = sum(ms.values())
+    lines = [f"{title}: kernel time {total:.0f} ms per run", "| op | ms | share | nodes |", "|---|---:|---:|---:|"]
+    lines += [f"| {op} | {t:.0f} | {100 * t / total:.0f} % | {count[op] // 3} |" for op, t in ms.most_common(top)]
+    return "\n".join(lines)
 
 
 COLS = ["model", "batch", "candidate", "median_ms", "ratio"]
@@ -108,7 +164,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--baseline", default=None, help="also time SplitGrad as converted by these git revisions")
+    ap.add_argument("--only-splitgrad", action="store_true", help="leave out the all-three-heads model")
+    ap.add_argument("--profile", action="store_true", help="after each batch, SplitGrad's per-op kernel times")
     args = ap.parse_args(argv)
+    baseline = [(rev, baseline_tree(rev)) for rev in args.baseline.split(",")] if args.baseline else None
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "zoo").mkdir(parents=True, exist_ok=True)
@@ -118,7 +178,8 @@ def main(argv=None) -> int:
     print("|" + "---|" * len(COLS))
     rows = []
     for name in args.models.split(","):
-        rows += measure(name, [int(b) for b in args.batches.split(",")], args.rounds, args.threads, out / "zoo")
+        rows += measure(name, [int(b) for b in args.batches.split(",")], args.rounds, args.threads, out / "zoo",
+                        baseline, heads=not args.only_splitgrad, profile=args.profile)
     (out / "forward_ratio.json").write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -2,7 +2,8 @@
 
 The generated graph is emitted eagerly by the rules (every stream, every
 weight variant); this pass keeps only the nodes and initializers that reach
-an output, records the conversion in the model's metadata, and sets the
+an output, folds the α-shift's scalar factors into the products
+(scalar_factors.py), turns masked cotangents into products (mask_products.py), records the conversion in the model's metadata, and sets the
 opset and IR version the pinned onnxruntime accepts.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import onnx
 from dconnx.io import MAX_IR_VERSION, validate
 
 from . import Pass, PassResult, contracts_enabled
+from .mask_products import where_to_mul
+from .scalar_factors import fold_scalar_factors
 
 MIN_IR_FOR_OPSET17 = 8
 
@@ -110,8 +113,15 @@ class Optimize(Pass):
     def run(self, comp) -> PassResult:
         res = PassResult(self.name)
         model = assemble(comp)
-        removed = prune(model, [n for n in (comp.target_input, comp.alpha_input) if n])
+        keep = [n for n in (comp.target_input, comp.alpha_input) if n]
+        removed = prune(model, keep)
         res.apply(f"prune: removed {removed} unused nodes")
+        folded = fold_scalar_factors(model, lambda m: prune(m, keep))
+        if folded:
+            res.apply(f"scalar factors: {folded} Muls by a scalar folded into a product or another scalar")
+        masked = where_to_mul(model)
+        if masked:
+            res.apply(f"masks: {masked} Where(m, a, 0) became a · float(m)")
         for k, v in metadata(comp).items():
             model.metadata_props.add(key=k, value=v)
         if comp.opts.precision == "float16":

@@ -5,6 +5,10 @@ onnxruntime's Where walks its three operands through a general broadcasting loop
 about twice the time of a Cast of the mask and a vectorized Mul (measured on the
 MobileNetV2 activation shapes, benchmarks/RESULTS.md). For a finite cotangent the two
 agree exactly (up to the sign of a zero); the float mask is built once per mask.
+
+Then a sum with one negated masked piece, Sum(x, Neg(d) · m) (the upper ReLU of a
+ReLU6 = Relu(x) − Relu(x − 6)), becomes Sub(x, d · m): the same numbers (negation is
+exact) without a pass over the tensor for the Neg.
 """
 from __future__ import annotations
 
@@ -52,4 +56,40 @@ def where_to_mul(model: onnx.ModelProto) -> int:
     if done:
         del g.node[:]
         g.node.extend(nodes)
+    return done + _sub_negated(g)
+
+
+def _sub_negated(g: onnx.GraphProto) -> int:
+    """Sum(x, Mul(Neg(d), m)) → Sub(x, Mul(d, m)), each intermediate read once."""
+    producer = {o: n for n in g.node for o in n.output if o}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 2
+    done, used = 0, set()
+    for n in g.node:
+        if n.op_type not in ("Sum", "Add") or len(n.input) != 2 or n.input[0] == n.input[1]:
+            continue
+        for k in (1, 0):
+            mul = producer.get(n.input[k])
+            if mul is None or mul.op_type != "Mul" or uses.get(n.input[k]) != 1 or id(mul) in used:
+                continue
+            j = next((j for j, t in enumerate(mul.input) if t in producer and producer[t].op_type == "Neg"
+                      and uses.get(t) == 1 and id(producer[t]) not in used), None)
+            if j is None:
+                continue
+            neg = producer[mul.input[j]]
+            mul.input[j] = neg.input[0]
+            n.op_type = "Sub"
+            n.input[:] = [n.input[1 - k], n.input[k]]
+            used.update((id(mul), id(neg)))
+            done += 1
+            break
+    if done:
+        live = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if not (n.op_type == "Neg" and id(n) in used and n.output[0] not in live)]
+        del g.node[:]
+        g.node.extend(keep)
     return done

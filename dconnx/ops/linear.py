@@ -96,9 +96,14 @@ class ConvMap(ConvFamilyMap):
         return weight_variant(self.comp, base, variant)
 
     def _adjoint(self, ct, variant):
-        """ConvTranspose with the weight the forward product reads; only where every variant is
-        precomputed, a stride-1 Conv with the flipped kernel (faster in onnxruntime, but its
-        flipped copies stay in the session beside the forward kernels)."""
+        """ConvTranspose with the weight the forward product reads, or a stride-1 Conv with the
+        flipped kernel: faster in onnxruntime for every stride-1 shape measured (0.2-0.8x for
+        depthwise and grouped, 0.5x for dense 3x3; benchmarks/RESULTS.md), but its flipped copies
+        stay in the session beside the forward kernels. So the flipped form where every variant
+        is precomputed, and for grouped convolutions (depthwise ones above all), whose kernels
+        are small, also where the session holds only W and |W|. Strided ones keep ConvTranspose
+        (for depthwise ones a polyphase Conv + DepthToSpace or zero insertion + Conv measured
+        2-20x slower: onnxruntime's DepthToSpace and Pad dominate)."""
         b = self.b
         in_shape = self.comp.view.shape(self.x)
         out_shape = self.comp.view.shape(self.y)
@@ -106,8 +111,9 @@ class ConvMap(ConvFamilyMap):
         reach = [self.dil[i] * (self.k[i] - 1) for i in range(nd)]
         flip_pads = [reach[i] - self.pads[i] for i in range(nd)] + \
                     [reach[i] - self.pads[nd + i] for i in range(nd)]
-        if self.comp.opts.weight_variants == "precomputed" and all(s == 1 for s in self.strides) \
-                and all(p >= 0 for p in flip_pads):
+        layout = self.comp.opts.weight_variants
+        flipped = layout == "precomputed" or (layout == "session" and self.group > 1)
+        if flipped and all(s == 1 for s in self.strides) and all(p >= 0 for p in flip_pads):
             return b.op("Conv", [ct, self._flipped(variant)], kernel_shape=self.k, strides=[1] * nd,
                         dilations=self.dil, pads=flip_pads, group=self.group,
                         hint=f"{self.x}::convT.{variant}")

@@ -50,6 +50,11 @@ def _add_convert(sub):
     p.add_argument("--precision", choices=["float32", "float16"], default="float32",
                    help="float16 halves memory and suits CUDA; its accuracy against float32 is "
                         "measured in docs/reliability.md (default float32)")
+    p.add_argument("--weight-variants", choices=["session", "per-run", "precomputed"], default="session",
+                   help="weight-derived tensors: 'session' folds |W| once at session start and "
+                        "derives W+, W- products from W and |W| (default); 'per-run' recomputes |W| "
+                        "on every run (least memory, slower); 'precomputed' folds every variant "
+                        "(fastest, most memory). docs/serving.md#memory")
     p.add_argument("--channel-axis", type=int, default=None,
                    help="channel axis of the input (default: detected, 1 for NCHW, 3 for NHWC)")
     p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "
@@ -70,7 +75,7 @@ def cmd_convert(args) -> int:
         ig_method=args.ig_method, normalize=args.normalize, upsample=not args.no_upsample,
         output=args.explain_output, mean=_floats(args.mean), std=_floats(args.std),
         fold_batchnorm=not args.no_fold_batchnorm, channel_axis=args.channel_axis,
-        precision=args.precision)
+        precision=args.precision, weight_variants=args.weight_variants)
     out = save_model(model, args.output)
     src = Path(args.model)
     size_in = src.stat().st_size + sum(f.stat().st_size for f in src.parent.glob(src.name + ".data"))

@@ -1178,13 +1178,14 @@ def smooth_activation(kind: str, **params) -> Smooth:
         beta, thr = params.get("beta", 1.0), params.get("threshold", 20.0)
         phi = lambda u: F.softplus(u, beta, thr)  # noqa: E731
     elif kind in ("elu", "selu"):
-        if kind == "selu":     # torch's constants (as F.selu)
-            alpha, scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+        if kind == "selu":     # torch's constants (as F.selu) unless given (ONNX's are float32)
+            alpha = float(params.get("alpha", 1.6732632423543772848170429916717))
+            scale = float(params.get("scale", 1.0507009873554804934193349852946))
         else:
             alpha, scale = float(params.get("alpha", 1.0)), 1.0
         if alpha <= 0:
             raise UnsupportedModelError(f"{kind} with alpha={alpha}")
-        phi = (lambda u: F.selu(u)) if kind == "selu" else (lambda u: F.elu(u, alpha))
+        phi = (lambda u: scale * F.elu(u, alpha)) if params or kind == "elu" else (lambda u: F.selu(u))
         if alpha > 1.0:        # left slope scale·α at 0 above the right one, scale: a concave kink
             hi = (0.0,)
     elif kind == "celu":
@@ -1194,7 +1195,11 @@ def smooth_activation(kind: str, **params) -> Smooth:
         phi = lambda u: F.celu(u, alpha)  # noqa: E731
     elif kind == "gelu":
         approx = params.get("approximate", "none")
-        phi = lambda u: F.gelu(u, approximate=approx)  # noqa: E731
+        if "divisor" in params:    # 0.5·u·(1 + erf(u/s)) with a given s (an exported float32 √2)
+            s = float(params["divisor"])
+            phi = lambda u: 0.5 * u * (1.0 + torch.erf(u / s))  # noqa: E731
+        else:
+            phi = lambda u: F.gelu(u, approximate=approx)  # noqa: E731
     elif kind == "silu":
         phi = F.silu
     elif kind == "mish":
@@ -1203,7 +1208,13 @@ def smooth_activation(kind: str, **params) -> Smooth:
         phi, lo, hi = F.hardswish, (-3.0,), (3.0,)
     elif kind == "hardsigmoid":    # relu6(x + 3)/6: slope 1/6 → 0 at 3 (at −3 it bends up)
         # written out: torch has no second derivative of F.hardsigmoid's backward
-        phi, hi = (lambda u: F.relu6(u + 3.0) / 6.0), (3.0,)
+        if params:                 # clip(αx + β, 0, 1) with given constants (ONNX's are float32)
+            a, b = float(params["alpha"]), float(params["beta"])
+            if a <= 0:
+                raise UnsupportedModelError(f"hardsigmoid with alpha={a}")
+            phi, hi = (lambda u: torch.clamp(a * u + b, 0.0, 1.0)), ((1.0 - b) / a,)
+        else:
+            phi, hi = (lambda u: F.relu6(u + 3.0) / 6.0), (3.0,)
     else:
         raise UnsupportedModelError(f"activation {kind!r}")
     act = Smooth(kind, phi, lo, hi)
@@ -1231,7 +1242,13 @@ def _module_params(m) -> dict:
     if isinstance(m, (nn.ELU, nn.CELU)):
         return {"alpha": float(m.alpha)}
     if isinstance(m, nn.GELU):
-        return {"approximate": m.approximate}
+        return {"approximate": m.approximate, **({"divisor": float(m.divisor)} if hasattr(m, "divisor") else {})}
+    # constants other than torch's, where a module carries them (a twin of an ONNX file, whose
+    # Selu and HardSigmoid constants are float32 attributes)
+    if isinstance(m, nn.SELU) and hasattr(m, "alpha"):
+        return {"alpha": float(m.alpha), "scale": float(m.scale)}
+    if isinstance(m, nn.Hardsigmoid) and hasattr(m, "alpha"):
+        return {"alpha": float(m.alpha), "beta": float(m.beta)}
     return {}
 
 

@@ -13,6 +13,13 @@ recentered Relu) is None and costs nothing.
 Relevance on a p-stream is always that stream times something (the ε-rule), or
 moved from such relevance by data movement, winner-takes-all routing or sums;
 it vanishes wherever its stream does. Such names are kept in `p_supported`.
+A smooth activation passes relevance unchanged to input streams that may vanish
+where its output's do not (a recentered stream is 0 on one side), so what it
+passes is not p-supported (a new name). Behind it a weight layer's ratio
+R/(Z + ε) is of order R/ε where its stream Z is 0, though every contribution
+there is 0 (z ≤ Z); the W⁺ᵀ and W⁻ᵀ products, as half-sums of |W|ᵀ and Wᵀ
+products, would leave that ratio's rounding in the neighbours' shares: the
+ratio of such relevance is 0 where Z is.
 Under recentering a Relu's output p-stream is relu(x), zero where the mask is
 zero, so the Relu rule's (1 − m)·R_Yp share to the N-stream is exactly zero:
 the N part stays None and the next weight layer needs one product (W⁺ᵀ), not
@@ -52,6 +59,12 @@ class SplitLRP(RuleSet):
     def _ratio(self, R, Z):
         return None if R is None else self.b.div(R, self._denominator(Z))
 
+    def _where_positive(self, s, stream):
+        """s where the stream is positive, else 0 (every contribution to a zero stream is 0)."""
+        if s is None:
+            return None
+        return self.comp.where(self.b.op("Greater", [stream, self.b.scalar(0.0)]), s)
+
     def _times(self, stream, c):
         """stream ⊙ c, or None when the stream is structurally zero."""
         if c is None or self.comp.is_zero(stream):
@@ -90,6 +103,8 @@ class SplitLRP(RuleSet):
         b = self.b
         pre, post = self.comp.pre_stream(lin.y), self.comp.stream(lin.x)
         sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
+        if RP not in self.p_supported:
+            sP, sN = self._where_positive(sP, pre.p), self._where_positive(sN, pre.n)
         if lin.nonneg:
             cp = None if sP is None else lin.transpose(sP)
             cn = None if sN is None else lin.transpose(sN)
@@ -146,7 +161,12 @@ class SplitLRP(RuleSet):
         return (out[0], out[1]), (out[2], out[3])
 
     def smooth(self, ct, node, act, x):
-        return ct     # relevance passes a smooth activation unchanged on each stream (docs/method.md)
+        """Relevance passes a smooth activation unchanged on each stream (docs/method.md); the
+        input's streams may vanish where the output's do not: what passes is not p-supported."""
+        RP, RN = ct
+        if RP in self.p_supported:
+            RP = self.b.op("Identity", [RP], hint=f"{x}::lrp_passed")
+        return (RP, RN)
 
     def maxpool(self, ct, win):
         RP, RN = ct

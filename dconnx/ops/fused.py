@@ -73,7 +73,8 @@ def _match_gate(view, node):
 
 
 def _erf_half(view, name, x):
-    """`name` = 1 + erf(x/√2) (Add of 1 and Erf of Div(x, √2) or Mul(x, 1/√2)): its nodes, or None."""
+    """`name` = 1 + erf(x/s) (Add of 1 and Erf of Div(x, s) or Mul(x, 1/s), s = √2 to 1e-6):
+    (its nodes, s as the graph holds it), or None."""
     add = _producer(view, name, "Add")
     if add is None:
         return None
@@ -85,10 +86,14 @@ def _erf_half(view, name, x):
         if scale is None or not _only_feeds(view, erf, add) or not _only_feeds(view, scale, erf):
             continue
         if scale.op_type == "Div" and scale.input[0] == x and _scalar(view, scale.input[1], math.sqrt(2.0)):
-            return [scale, erf, add]
+            return [scale, erf, add], _value(view, scale.input[1])
         if scale.op_type == "Mul" and x in scale.input and _scalar(view, _other(scale, x), 1 / math.sqrt(2.0)):
-            return [scale, erf, add]
+            return [scale, erf, add], 1.0 / _value(view, _other(scale, x))
     return None
+
+
+def _value(view, name) -> float:
+    return float(view.const(name).reshape(-1)[0])
 
 
 def _match_gelu(view, node):
@@ -101,15 +106,15 @@ def _match_gelu(view, node):
         if _scalar(view, other, 0.5):                       # (x · (1 + erf)) · 0.5
             for j in (0, 1):
                 x, e = inner.input[j], inner.input[1 - j]
-                nodes = _erf_half(view, e, x)
-                if nodes is not None and _only_feeds(view, nodes[-1], inner):
-                    return Fusion(_gelu_erf(), x, nodes + [inner])
+                found = _erf_half(view, e, x)
+                if found is not None and _only_feeds(view, found[0][-1], inner):
+                    return Fusion(_gelu_erf(found[1]), x, found[0] + [inner])
         for j in (0, 1):                                    # (0.5 · x) · (1 + erf)
             if _scalar(view, inner.input[1 - j], 0.5):
                 x = inner.input[j]
-                nodes = _erf_half(view, other, x)
-                if nodes is not None and _only_feeds(view, nodes[-1], node):
-                    return Fusion(_gelu_erf(), x, nodes + [inner])
+                found = _erf_half(view, other, x)
+                if found is not None and _only_feeds(view, found[0][-1], node):
+                    return Fusion(_gelu_erf(found[1]), x, found[0] + [inner])
     return None
 
 

@@ -201,23 +201,28 @@ def expand_node(view, node, fresh, add_init) -> list:
     return w.nodes
 
 
-def _gelu_erf() -> Curvature:
+def _gelu_erf(s: float = math.sqrt(2.0)) -> Curvature:
+    """GELU's erf form 0.5·u·(1 + erf(u/s)): s = √2, or the divisor an exported subgraph holds
+    (float32 √2 is 1.7e-8 off: the split is that of the function the graph computes)."""
+    k = math.sqrt(2.0) / s        # 1 for s = √2: the constants below are then GELU's own
+
     def phi(u):
-        return 0.5 * u * (1.0 + math.erf(u / math.sqrt(2.0)))
+        return 0.5 * u * (1.0 + math.erf(u / s))
 
     def dphi(u):
-        return 0.5 * (1.0 + math.erf(u / math.sqrt(2.0))) + u * math.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+        return 0.5 * (1.0 + math.erf(u / s)) + u * math.exp(-0.5 * (k * u) ** 2) * k / math.sqrt(2 * math.pi)
+
+    def cdf(b, x):
+        return b.mul(b.add(b.op("Erf", [b.mul(x, b.scalar(k / math.sqrt(2.0)))]), b.scalar(1.0)), b.scalar(0.5))
 
     def emit_phi(b, x):
-        cdf = b.mul(b.add(b.op("Erf", [b.mul(x, b.scalar(1 / math.sqrt(2.0)))]), b.scalar(1.0)), b.scalar(0.5))
-        return b.mul(x, cdf)
+        return b.mul(x, cdf(b, x))
 
     def emit_dphi(b, x):
-        cdf = b.mul(b.add(b.op("Erf", [b.mul(x, b.scalar(1 / math.sqrt(2.0)))]), b.scalar(1.0)), b.scalar(0.5))
-        pdf = b.mul(b.op("Exp", [b.mul(b.mul(x, x), b.scalar(-0.5))]), b.scalar(1 / math.sqrt(2 * math.pi)))
-        return b.add(cdf, b.mul(x, pdf))
-    r = math.sqrt(2.0)            # GELU'' = ϕ(u)(2 − u²)
-    return Curvature("Gelu", phi, dphi, emit_phi, emit_dphi, lo=-r, hi=r,
+        pdf = b.mul(b.op("Exp", [b.mul(b.mul(x, x), b.scalar(-0.5 * k * k))]), b.scalar(k / math.sqrt(2 * math.pi)))
+        return b.add(cdf(b, x), b.mul(x, pdf))
+    # GELU'' = ϕ(u)(2 − u²); with u/s for u/√2: k·ϕ(ku)(2 − (ku)²), convex on [−s, s]
+    return Curvature("Gelu", phi, dphi, emit_phi, emit_dphi, lo=-s, hi=s,
                      slope_minus_inf=0.0, slope_plus_inf=1.0, limit_minus_inf=0.0)
 
 

@@ -59,6 +59,7 @@ eval-full: $(STAMP_EVAL)
 BENCH_ARGS ?=
 bench: $(STAMP_TEST)
 	$(VPY) benchmarks/run.py --threads 2 $(BENCH_ARGS)
+	$(VPY) benchmarks/memory.py --threads 2
 	$(VPY) benchmarks/serve_load.py
 
 # The CI smoke run: fixture model, batch 2, one round; checks nothing about speed.

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     md = markdown(meta, rows)
     (out / "memory.md").write_text(md)
     print(md)
-    return 0 if all(v <= b for _, _, v, b in target_rows(rows)) else 1
+    return 0      # like run.py: a missed target is reported, not an error
 
 
 if __name__ == "__main__":

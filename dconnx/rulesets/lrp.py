@@ -19,13 +19,16 @@ passes is not p-supported (a new name). Behind it a weight layer's ratio
 R/(Z + ε) is of order R/ε where its stream Z is 0, though every contribution
 there is 0 (z ≤ Z); the W⁺ᵀ and W⁻ᵀ products, as half-sums of |W|ᵀ and Wᵀ
 products, would leave that ratio's rounding in the neighbours' shares: the
-ratio of such relevance is 0 where Z is.
+ratio of such relevance is 0 where Z is 0 to rounding (Z ≤ 16 ulp of the
+pair sum Z + Z', the rounding of (S ± D)/2 in the sum/difference form).
 Under recentering a Relu's output p-stream is relu(x), zero where the mask is
 zero, so the Relu rule's (1 − m)·R_Yp share to the N-stream is exactly zero:
 the N part stays None and the next weight layer needs one product (W⁺ᵀ), not
 two. Injected vectors are not p-supported and take the full rule.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .base import RuleSet
 
@@ -59,11 +62,15 @@ class SplitLRP(RuleSet):
     def _ratio(self, R, Z):
         return None if R is None else self.b.div(R, self._denominator(Z))
 
-    def _where_positive(self, s, stream):
-        """s where the stream is positive, else 0 (every contribution to a zero stream is 0)."""
+    def _where_resolved(self, s, stream, other):
+        """s where the stream exceeds its rounding (16 ulp of the pair sum), else 0: every
+        contribution to a zero stream is 0."""
         if s is None:
             return None
-        return self.comp.where(self.b.op("Greater", [stream, self.b.scalar(0.0)]), s)
+        b = self.b
+        ulps = 16 * float(np.finfo(b.float_dtype).eps)
+        floor = b.scalar(0.0) if self.comp.is_zero(other) else b.mul(b.add(stream, other), b.scalar(ulps))
+        return self.comp.where(b.op("Greater", [stream, floor]), s)
 
     def _times(self, stream, c):
         """stream ⊙ c, or None when the stream is structurally zero."""
@@ -104,7 +111,7 @@ class SplitLRP(RuleSet):
         pre, post = self.comp.pre_stream(lin.y), self.comp.stream(lin.x)
         sP, sN = self._ratio(RP, pre.p), self._ratio(RN, pre.n)
         if RP not in self.p_supported:
-            sP, sN = self._where_positive(sP, pre.p), self._where_positive(sN, pre.n)
+            sP, sN = self._where_resolved(sP, pre.p, pre.n), self._where_resolved(sN, pre.n, pre.p)
         if lin.nonneg:
             cp = None if sP is None else lin.transpose(sP)
             cn = None if sN is None else lin.transpose(sN)

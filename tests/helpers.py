@@ -30,7 +30,20 @@ def export(module: torch.nn.Module, x: torch.Tensor, *, exporter: str = "torchsc
             torch.onnx.export(module, (x,), buf, dynamo=True, input_names=["input"],
                               output_names=["logits"],
                               dynamic_shapes={list(_forward_args(module))[0]: {0: torch.export.Dim("batch")}})
+            release_exported_graph()
     return onnx.load_from_string(buf.getvalue())
+
+
+def release_exported_graph() -> None:
+    """onnxscript's rewrite rules are module-level objects whose matchers keep the last graph they
+    matched, and through it every weight of the last dynamo export, until the next export: drop it
+    (0.6 GB after a float64 FCN-ResNet50)."""
+    import gc
+    from onnxscript.rewriter._matcher import SimplePatternMatcher
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            obj._graph = None
+            obj._init_match(0)
 
 
 def _forward_args(module):

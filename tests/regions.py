@@ -47,8 +47,10 @@ def float32_and_same_region_float64(model: onnx.ModelProto, feeds: dict) -> tupl
     sess = session(probe)
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     wanted = [o.name for o in model.graph.output]
+    del sess, probe             # the float64 evaluation below needs their memory
 
     m64 = cast_model(model, TensorProto.DOUBLE)
+    del model
     fed = set(names)
     for node in m64.graph.node:      # the float64 graph computes them under other names, unused
         for i, out in enumerate(node.output):

@@ -1,5 +1,17 @@
-"""Random ReLU CNNs for property-based tests: hypothesis strategies that draw a network
-spec from the supported op table, a torch builder for it, and the float64 checks.
+"""Random CNNs for property-based tests: hypothesis strategies that draw a network spec from
+the supported op table, a torch builder for it, and the float64 checks.
+
+Drawn: Conv (kernel, stride, padding, dilation, groups, bias, weights of one sign or both),
+BatchNorm, ConvTranspose, max/avg pooling (ceil mode, padding, dilation), global max pool,
+residual (add/sub) and concat branches, constant mul/div/add, zero and reflect/edge pads,
+slices, gather-type moves, nearest/bilinear upsampling, max/min of a branch, abs, dropout;
+the activations ReLU, ReLU6, LeakyReLU, PReLU, Hardtanh and every smooth one the compiler
+converts by the curvature split: Sigmoid, Tanh, Softplus, ELU and CELU (α ≤ 1 and α > 1),
+SELU, GELU (erf form; tanh form at opset 20, where TorchScript writes the Gelu op), SiLU,
+Mish, HardSwish, HardSigmoid; squeeze-excitation gates x·gate(conv(act(conv(gap x)))) with a
+sigmoid or hardsigmoid gate [N, C, 1, 1] broadcast over x, and GLU-style products a·gate(b)
+of the two channel halves of x; heads flatten/gap/mean + Gemm or MatMul (one or two, with
+a ReLU, ReLU6, SiLU, GELU, Tanh or HardSwish between), 1×1 conv + gap, optional Softmax.
 
 A spec is plain frozen data (its repr is the reproducer hypothesis prints). Every
 layer is drawn for the shape that reaches it, so every spec is valid: no examples
@@ -45,8 +57,8 @@ class BN:
 
 @dataclass(frozen=True)
 class Act:
-    kind: str           # relu | relu6 | leaky | prelu | hardtanh
-    param: float = 0.0
+    kind: str           # one of ACTS (relu | relu6 | leaky | prelu | hardtanh | smooth kinds, SMOOTH)
+    param: float = 0.0  # leaky's slope, hardtanh's p (clip to [−p, 2p]), elu's and celu's α
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,20 @@ class GlobalMax:
 
 
 @dataclass(frozen=True)
+class SE:
+    """Squeeze-excitation: x · gate(conv(act(conv(gap x)))), the gate [N, C, 1, 1] broadcast over x."""
+    reduced: int        # the squeezed width
+    act: Act
+    gate: str           # sigmoid | hardsigmoid
+
+
+@dataclass(frozen=True)
+class Glu:
+    """GLU-style product of two data tensors: a · gate(b), (a, b) the two channel halves of x."""
+    gate: str           # sigmoid | hardsigmoid
+
+
+@dataclass(frozen=True)
 class Head:
     kind: str           # flatten | gap | mean | matmul | conv_gap
     classes: int
@@ -187,7 +213,19 @@ def out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False) -> 
 
 # ----------------------------------------------------------------------------- strategies
 
-ACTS = ("relu", "relu", "relu", "relu6", "leaky", "prelu", "hardtanh")
+# torch's SELU constants (F.selu), as float64
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+PIECEWISE = ("relu", "relu", "relu", "relu6", "leaky", "prelu", "hardtanh")
+# every smooth (or kinked, curvature-split) activation the compiler converts; "gelu_tanh" only
+# at opset 20 (net_specs), where TorchScript writes the Gelu op
+SMOOTH = ("sigmoid", "tanh", "softplus", "elu", "selu", "celu", "gelu", "gelu_tanh", "silu", "mish",
+          "hardswish", "hardsigmoid")
+ACTS = PIECEWISE + SMOOTH
+GATES = ("sigmoid", "hardsigmoid")
+# the activations whose saturated values (ReLU6's 6, Hardtanh's −p and 2p, HardSwish's and
+# HardSigmoid's 0 and 1) the reference's streams hold only to rounding: ties (see net_specs)
+CLIPS = ("relu6", "hardtanh", "hardswish", "hardsigmoid")
 
 
 @st.composite
@@ -230,6 +268,8 @@ def activation(draw):
         param = draw(st.sampled_from([0.0, 0.01, 0.1, 0.3]))
     if kind == "hardtanh":
         param = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    if kind in ("elu", "celu"):     # α exact in float32 (ONNX's attribute type); α > 1: a concave kink
+        param = draw(st.sampled_from([0.5, 1.0, 1.5, 2.0]))
     return Act(kind, param)
 
 
@@ -304,9 +344,11 @@ def block(draw, shape):
     """One body element for `shape`; returns (layers, new shape)."""
     c, h, w = shape
     kinds = ["conv", "conv", "conv", "act", "act", "bn", "pool", "affine", "pad", "dropout",
-             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax", "move"]
+             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax", "move", "se", "se"]
     if c >= 2:
         kinds.append("slice")
+    if c % 2 == 0:
+        kinds.append("glu")
     if max(h, w) <= 6:
         kinds.append("upsample")
     kind = draw(st.sampled_from(kinds))
@@ -333,6 +375,10 @@ def block(draw, shape):
         return [m], move_shape(shape, m)
     if kind == "gmax":
         return [GlobalMax()], (c, 1, 1)
+    if kind == "se":
+        return [SE(draw(st.integers(1, max(1, c // 2))), draw(activation()), draw(st.sampled_from(GATES)))], shape
+    if kind == "glu":
+        return [Glu(draw(st.sampled_from(GATES)))], (c // 2, h, w)
     if kind == "conv":
         conv = draw(conv_layer(shape))
         layers = [conv]
@@ -425,10 +471,15 @@ def net_specs(draw, max_blocks: int = 6):
     kind = draw(st.sampled_from(kinds))
     hidden = draw(st.sampled_from([0, 0, 4, 9])) if kind != "conv_gap" else 0
     head = Head(kind, draw(st.integers(1, 6)), hidden,
-                draw(st.sampled_from(["relu", "relu", "relu6", "none"])),
+                draw(st.sampled_from(["relu", "relu", "relu6", "none", "silu", "gelu", "tanh", "hardswish"])),
                 softmax=draw(st.sampled_from([False] * 7 + [True])))
+    opset = draw(st.sampled_from([17, 17, 18, 20]))
+    if "gelu_tanh" in _act_kinds(body):
+        # below opset 20 TorchScript writes GELU's tanh form out (x·x·x, Tanh, three data products),
+        # which converts exactly, but as products, not as the one activation the reference splits
+        opset = 20
     return NetSpec(in_shape, tuple(body), head, draw(st.integers(0, 2**16)),
-                   keep_bn=draw(st.booleans()), opset=draw(st.sampled_from([17, 17, 18, 20])))
+                   keep_bn=draw(st.booleans()), opset=opset)
 
 
 # ----------------------------------------------------------------------------- torch builder
@@ -491,6 +542,27 @@ class _MatMul(nn.Module):
         return x @ self.w + self.b
 
 
+class _SE(nn.Module):
+    def __init__(self, c, l: SE):
+        super().__init__()
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.reduce, self.act = nn.Conv2d(c, l.reduced, 1), _act(l.act, l.reduced)
+        self.expand, self.gate = nn.Conv2d(l.reduced, c, 1), _act(l.gate, c)
+
+    def forward(self, x):
+        return x * self.gate(self.expand(self.act(self.reduce(self.squeeze(x)))))
+
+
+class _Glu(nn.Module):
+    def __init__(self, gate, c):
+        super().__init__()
+        self.gate = _act(gate, c // 2)
+
+    def forward(self, x):
+        a, b = x.chunk(2, 1)
+        return a * self.gate(b)
+
+
 class _MaxMin(nn.Module):
     def __init__(self, branch, op):
         super().__init__()
@@ -512,7 +584,16 @@ def _act(a: Act | str, c: int) -> nn.Module:
         return nn.PReLU(c)
     if kind == "hardtanh":
         return nn.Hardtanh(-a.param, 2 * a.param)
+    if kind in ("elu", "celu"):
+        return (nn.ELU if kind == "elu" else nn.CELU)(a.param if isinstance(a, Act) else 1.0)
+    if kind in _SMOOTH_MODULES:
+        return _SMOOTH_MODULES[kind]()
     return nn.Identity()
+
+
+_SMOOTH_MODULES = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softplus": nn.Softplus, "selu": nn.SELU,
+                   "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
+                   "mish": nn.Mish, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid}
 
 
 def _layers(layers, c: int):
@@ -576,6 +657,11 @@ def _layers(layers, c: int):
             c = move_shape((c, 4, 4), l)[0]
         elif isinstance(l, GlobalMax):
             mods.append(nn.AdaptiveMaxPool2d(1))
+        elif isinstance(l, SE):
+            mods.append(_SE(c, l))
+        elif isinstance(l, Glu):
+            mods.append(_Glu(l.gate, c))
+            c //= 2
         else:
             raise TypeError(l)
     return nn.Sequential(*mods), c
@@ -606,6 +692,7 @@ class FuzzNet(nn.Module):
             shape = self.body(torch.zeros(1, *spec.in_shape)).shape[1:]
         self.head = _head(spec.head, tuple(shape))
         self.softmax = spec.head.softmax
+        self.opset = spec.opset
 
     def logits(self, x):
         return self.head(self.body(x))
@@ -654,18 +741,63 @@ def export_spec(spec: NetSpec, batch: int = 2) -> tuple[FuzzNet, onnx.ModelProto
     return net, export(net, x, keep_bn=spec.keep_bn, opset=spec.opset)
 
 
+class _CeluAsElu(nn.Module):
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        return self.alpha * F.elu(x / self.alpha)
+
+
+def _celu_as_elu(net: nn.Module) -> nn.Module:
+    """`net` with each CELU replaced by α·Elu(x/α) (in place)."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.CELU):
+                setattr(parent, name, _CeluAsElu(child.alpha))
+    return net
+
+
 def export_exact(spec: NetSpec, net: FuzzNet, model: onnx.ModelProto, batch: int = 2) -> onnx.ModelProto:
-    """The export whose constants are the module's own: with BatchNorm kept as a node (the
-    TorchScript exporter otherwise folds it into the Conv in float32, 1e-7 off the float64
-    module, which would flip the masks of pre-activations that close to 0)."""
-    if spec.keep_bn or not _has_bn(spec.body):
+    """The export whose constants are the module's own, for the float64 check: with BatchNorm
+    kept as a node (the TorchScript exporter otherwise folds it into the Conv in float32, 1e-7
+    off the float64 module, which would flip the masks of pre-activations that close to 0);
+    and with each CELU written as α·Elu(x/α), what canonicalization rewrites it into (ONNX
+    defines Celu for float32 only: cast to float64 it fails the checker)."""
+    bn = _has_bn(spec.body) and not spec.keep_bn
+    celu = "celu" in _act_kinds(spec.body)
+    if not (bn or celu):
         return model
-    return export(net, torch.zeros(batch, *spec.in_shape), keep_bn=True, opset=spec.opset)
+    if celu:
+        net = _celu_as_elu(copy.deepcopy(net))
+    return export(net, torch.zeros(batch, *spec.in_shape), keep_bn=bn or spec.keep_bn, opset=spec.opset)
+
+
+def _act_kinds(layers) -> list:
+    """Every activation kind in `layers`, branches, SE and GLU (their gates included)."""
+    kinds = []
+    for l in layers:
+        if isinstance(l, Act):
+            kinds.append(l.kind)
+        elif isinstance(l, Residual):
+            kinds += _act_kinds(l.branch)
+        elif isinstance(l, Concat):
+            for b in l.branches:
+                kinds += _act_kinds(b)
+        elif isinstance(l, SE):
+            kinds += [l.act.kind, l.gate]
+        elif isinstance(l, Glu):
+            kinds.append(l.gate)
+    return kinds
 
 
 def _has_clip(layers) -> bool:
+    """A saturating activation whose saturated value reaches the layers' output (an SE's inner
+    activation is followed by a Conv; its gate, a HardSigmoid, multiplies the output)."""
     for l in layers:
-        if (isinstance(l, Act) and l.kind in ("relu6", "hardtanh")) or \
+        if (isinstance(l, Act) and l.kind in CLIPS) or \
+                (isinstance(l, (SE, Glu)) and l.gate in CLIPS) or \
                 (isinstance(l, Residual) and _has_clip(l.branch)) or \
                 (isinstance(l, Concat) and any(_has_clip(b) for b in l.branches)):
             return True
@@ -703,17 +835,42 @@ def _has_bn(layers) -> bool:
     return False
 
 
+def _f32(v: float) -> float:
+    return float(np.float32(v))
+
+
 def reference_module(net: FuzzNet) -> nn.Module:
     """A float64 copy of `net` that computes what the exported file computes, for tests/reference:
     each `_MatMul` (x @ w + b, exported as MatMul + Add, which canonicalization makes one linear
-    op) becomes the nn.Linear it is; LeakyReLU's slope and BatchNorm's eps are rounded to
-    float32, as ONNX stores those attributes."""
-    twin = copy.deepcopy(net).double().eval()
+    op) becomes the nn.Linear it is; LeakyReLU's slope, ELU's α, BatchNorm's eps,
+    SELU's α and γ (the Selu op's defaults), HardSigmoid's slope 1/6 and, below opset 20, GELU's
+    √2 (a Constant of the exported erf subgraph) are rounded to float32,
+    as ONNX stores those attributes (SELU's and HardSigmoid's as module attributes the reference
+    reads, with a forward that uses them: 1/6 in float32 is 1e-8 off); Softplus loses its
+    threshold (ONNX's Softplus has none: torch's x above 20 is 2e-9 off). CELU becomes
+    α·Elu(x/α), as canonicalization rewrites it (onnxruntime's CUDA provider has no Celu): one
+    Elu between two constant Muls, whose ε-rule SplitLRP applies (the reference's CELU, one
+    activation, would pass relevance through unchanged)."""
+    twin = _celu_as_elu(copy.deepcopy(net)).double().eval()
     for m in twin.modules():
         if isinstance(m, nn.LeakyReLU):
-            m.negative_slope = float(np.float32(m.negative_slope))
+            m.negative_slope = _f32(m.negative_slope)
+        if isinstance(m, nn.ELU):
+            m.alpha = _f32(m.alpha)
+        if isinstance(m, nn.Softplus):
+            m.threshold = math.inf
+        if isinstance(m, nn.SELU):
+            m.alpha, m.scale = _f32(SELU_ALPHA), _f32(SELU_SCALE)
+            m.forward = lambda x, a=m.alpha, s=m.scale: s * F.elu(x, a)
+        if isinstance(m, nn.GELU) and m.approximate == "none" and net.opset < 20:
+            # below opset 20 the erf form is exported as Div(x, √2 in float32), Erf, Add, Mul, Mul
+            m.divisor = _f32(math.sqrt(2.0))
+            m.forward = lambda x, s=m.divisor: 0.5 * x * (1.0 + torch.erf(x / s))
+        if isinstance(m, nn.Hardsigmoid):
+            m.alpha, m.beta = _f32(1.0 / 6.0), 0.5
+            m.forward = lambda x, a=m.alpha, b=m.beta: (a * x + b).clamp(0.0, 1.0)
         if isinstance(m, nn.BatchNorm2d):
-            m.eps = float(np.float32(m.eps))
+            m.eps = _f32(m.eps)
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _MatMul):
@@ -737,20 +894,25 @@ def input_for(spec: NetSpec, batch: int, dtype=np.float64, ties: bool = False) -
     return x
 
 
+def products(spec: NetSpec) -> int:
+    """The products of two data tensors in the body (SE and GLU gates)."""
+    return sum(isinstance(l, (SE, Glu)) for l in spec.body)
+
+
+def body_mixes_pair_sums(spec: NetSpec) -> bool:
+    """A smooth activation or a product in the body: its backward adds a term proportional to the
+    pair sums δp + δn to the pair differences (the same for g and h only while their pair sums are
+    equal, docs/method.md), so in the "sum" Relu mode, where a Relu behind it makes them differ,
+    δpp − δnp − δpn + δnn is no gradient (as with "dc" pooling). The head's activation follows
+    every body Relu, so its pair sums are still equal."""
+    return any(k in SMOOTH for k in _act_kinds(spec.body))
+
+
 def relu_only(spec: NetSpec) -> bool:
     """Every activation is a Relu: then ties at 0 follow one convention (relu'(0) = 0) in torch
     and in dconnx. (Clip's autograd passes the gradient at its bounds; dconnx's canonical
     Relu(x − a) − Relu(x − b) does not at a: a tie convention, not an error.)"""
-    def ok(layers):
-        for l in layers:
-            if isinstance(l, Act) and l.kind != "relu":
-                return False
-            if isinstance(l, Residual) and not ok(l.branch):
-                return False
-            if isinstance(l, Concat) and not all(ok(b) for b in l.branches):
-                return False
-        return True
-    return ok(spec.body) and spec.head.act in ("relu", "none")
+    return all(k == "relu" for k in _act_kinds(spec.body)) and spec.head.act in ("relu", "none")
 
 
 # ----------------------------------------------------------------------------- reference

@@ -1,16 +1,21 @@
-"""Property-based fuzzing of the compiler on random ReLU CNNs (tests/fuzz_models.py).
+"""Property-based fuzzing of the compiler on random CNNs (tests/fuzz_models.py).
 
 Each example draws a network (depth, widths, kernel/stride/padding/dilation/groups,
 residual and concat branches, max/avg pooling, BatchNorm folded or kept, ReLU6,
-LeakyReLU, PReLU, Hardtanh, Gemm/MatMul/1×1-conv heads, a trailing Softmax, weights
+LeakyReLU, PReLU, Hardtanh, the smooth activations Sigmoid, Tanh, Softplus, ELU, SELU,
+CELU, GELU (erf and tanh forms), SiLU, Mish, HardSwish, HardSigmoid, squeeze-excitation
+gates (sigmoid or hardsigmoid) and GLU-style products of two data tensors, the resampling,
+selection and gather-type layers, Gemm/MatMul/1×1-conv heads, a trailing Softmax, weights
 of both signs, opset 17/18/20), exports it with a dynamic batch, converts it with
 random options, and checks on a batch of random size:
 
-float64 (the export with the module's own constants — BatchNorm kept as a node — cast to
-double; torch evaluates both graphs):
+float64 (the export with the module's own constants — BatchNorm kept as a node, CELU written
+as α·Elu(x/α) (ONNX's Celu is float32 only) — cast to double; torch evaluates both graphs; the
+reference's twin uses the file's float32 constants of LeakyReLU, ELU, SELU, HardSigmoid, GELU):
   1. g − h equals the explained logits; g, h and the input streams are nonnegative;
   2. δpp − δnp − δpn + δnn equals torch autograd's gradient of the target logit,
-     for a random α in [0.25, 0.5] and a random target per sample;
+     for a random α in [0.25, 0.5] and a random target per sample (in the "sum" Relu mode
+     only without smooth activations and products in the body, where it holds);
   3. in the "standard" Relu mode the pair sums agree (δpp + δnp = δpn + δnn);
   4. against the independent float64 reference (tests/reference, on the torch module): g and
      h separately, and at the input and at a hidden layer (the first op's output, where the
@@ -41,8 +46,8 @@ import dconnx
 import onnx_torch
 from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, Move,
                          NetSpec, Pad, Residual, Upsample,
-                         export_exact, export_spec, graph_autograd, input_for, net_specs, reference_module,
-                         relu_only)
+                         SE, Glu, body_mixes_pair_sums, export_exact, export_spec, graph_autograd, input_for,
+                         net_specs, products, reference_module, relu_only)
 from helpers import session
 from precision import to_float64
 from reference import dc_reference as ref
@@ -69,7 +74,11 @@ REF_TOL = 1e-9      # converted float64 graph vs tests/reference, relative to ea
 def conversions(draw):
     spec = draw(net_specs())
     relu_backward, maxpool = draw(st.sampled_from(MODES))
-    opts = dict(stabilize=draw(st.sampled_from(["recenter", "none"])), relu_backward=relu_backward,
+    # "none" keeps the true convex g, h, whose magnitude each product squares: behind two gates |g|
+    # reached 5e10 and the float64 rounding of the sensitivities at the input (about 5e-20·|g|,
+    # measured) exceeds the reference check's 1e-9; recentering keeps the streams O(1)
+    stabilize = draw(st.sampled_from(["recenter", "none"] if products(spec) < 2 else ["recenter"]))
+    opts = dict(stabilize=stabilize, relu_backward=relu_backward,
                 maxpool=maxpool, fold_batchnorm=draw(st.booleans()),
                 linear_form=draw(st.sampled_from(["sumdiff", "sumdiff", "four"])),
                 alpha_mode=draw(st.sampled_from(["constant", "constant", "frobenius"])),
@@ -168,8 +177,9 @@ def check_float64(spec: NetSpec, opts: dict, batch: int, alpha: float, target: n
     recon = dpp - dnp - dpn + dnn
     largest = max(np.abs(d).max() for d in (dpp, dnp, dpn, dnn))
     err = np.abs(recon - grad).max()
-    assert err <= 1e-8 * np.abs(grad).max() + 1e-12 * largest + 1e-300, \
-        f"gradient identity: err {err:.3g}, |grad| {np.abs(grad).max():.3g}, largest δ {largest:.3g}"
+    if opts["relu_backward"] == "standard" or not body_mixes_pair_sums(spec):
+        assert err <= 1e-8 * np.abs(grad).max() + 1e-12 * largest + 1e-300, \
+            f"gradient identity: err {err:.3g}, |grad| {np.abs(grad).max():.3g}, largest δ {largest:.3g}"
     if opts["relu_backward"] == "standard":
         assert np.abs((dpp + dnp) - (dpn + dnn)).max() <= 1e-12 * largest + 1e-300, "pair sums differ"
 
@@ -318,3 +328,64 @@ def test_regression_channel_constant_after_exported_pad():
     spec = NetSpec((3, 5, 5), (Pad((0, 2, 0, 1)), Affine("add", -0.5)), Head("flatten", 2, hidden=4, act="none"),
                    seed=543)
     check(spec, _OPTS, 2, 0.3, np.array([0, 1]))
+
+
+def test_regression_splitlrp_behind_smooth_activation_on_a_zero_stream():
+    """Found by the fuzzer: a smooth activation passes relevance unchanged onto its input's
+    streams, also where a stream is 0 (one side of every recentered tensor); the weight layer
+    behind it divides that relevance by 0 + ε, and its W⁺ᵀ, W⁻ᵀ products (half-sums of the |W|ᵀ
+    and Wᵀ products) left the R/ε ratio's rounding in the neighbours' shares (1e-8 of the
+    relevance at ε = 1e-12), though every contribution to a zero stream is 0. Fixed in
+    dconnx/rulesets/lrp.py: such a ratio is 0 where its stream is (to rounding: without
+    recentering a 1×1 conv's (S + D)/2 leaves 1e-17 where every term is 0), and what a smooth
+    activation passes is not taken as vanishing with its stream (the Relu shortcut)."""
+    spec = NetSpec((2, 5, 5), (Conv(4, (3, 3), 1, 1, 1, 1, True), SE(1, Act("leaky", 0.5), "sigmoid")),
+                   Head("flatten", 3), seed=1)
+    check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
+    check(spec, dict(_OPTS, share_forward=False), 2, 0.3, np.array([1, 0]))
+    spec = NetSpec((2, 5, 5), (Conv(4, (3, 3), 1, 1, 1, 1, True), Act("elu", 1.5), Act("sigmoid"),
+                               Conv(3, (3, 3), 1, 1, 1, 1, True)), Head("flatten", 3), seed=0)
+    check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
+    check(spec, dict(_OPTS, stabilize="none"), 2, 0.3, np.array([0, 2]))
+    spec = NetSpec((4, 8, 8), (), Head("conv_gap", 1, act="silu"), seed=1)
+    check(spec, dict(_OPTS, stabilize="none", share_forward=False), 1, 0.5, np.array([0]))
+
+
+def test_regression_gelu_subgraph_with_float32_sqrt2():
+    """Found by the fuzzer: below opset 20 TorchScript writes GELU as x·(1 + erf(x/s))·0.5 with
+    s = √2 in float32 (1.7e-8 off); the fused activation's split was that of the exact GELU, so
+    in float64 g − h missed the graph's logits by 1e-9 (without the shared forward) and the
+    streams were the split of another function. Fixed in dconnx/ops/fused.py and smooth.py: the
+    split is that of 0.5·u·(1 + erf(u/s)) with the graph's own s."""
+    spec = NetSpec((2, 5, 5), (Conv(4, (3, 3), 1, 1, 1, 1, True), Act("gelu"), Conv(4, (3, 3), 1, 1, 1, 1, True),
+                               Act("gelu")), Head("flatten", 3), seed=0)
+    check(spec, dict(_OPTS, share_forward=False), 2, 0.3, np.array([0, 2]))
+    check(spec, dict(_OPTS, stabilize="none"), 2, 0.3, np.array([2, 1]))
+
+
+def test_regression_sum_mode_gradient_identity_needs_equal_pair_sums():
+    """Found by the fuzzer: SELU then ReLU in the "sum" Relu mode: the Relu makes the pair sums of
+    g and h differ and SELU's backward adds a term in the pair sums to the pair differences, so
+    δpp − δnp − δpn + δnn is no gradient there (a property of the mode, as with "dc" pooling):
+    property 2 is checked in "sum" mode only without smooth activations and products in the
+    body; the reference match (both exact Jacobians) still is."""
+    spec = NetSpec((1, 3, 3), (Act("selu"), Act("relu")), Head("flatten", 1), seed=0)
+    assert body_mixes_pair_sums(spec)
+    check(spec, dict(_OPTS, relu_backward="sum", share_forward=False), 1, 0.25, np.array([0]))
+    check(spec, dict(_OPTS, relu_backward="standard", share_forward=False), 1, 0.25, np.array([0]))
+
+
+def test_regression_smooth_activations_and_gates():
+    """A fixed example of every smooth activation, squeeze-excitation gates (sigmoid, hardsigmoid)
+    and GLU-style products, so that CI always covers them together."""
+    body = (Conv(4, (3, 3), 1, 1, 1, 1, True), Act("sigmoid"), Conv(4, (3, 3), 1, 1, 1, 2, True), Act("tanh"),
+            SE(2, Act("softplus"), "sigmoid"), Conv(4, (1, 1), 1, 0, 1, 1, True), Act("elu", 1.5), Act("selu"),
+            Glu("hardsigmoid"), Conv(4, (3, 3), 1, 1, 1, 1, True), Act("celu", 2.0), Act("gelu"),
+            SE(1, Act("silu"), "hardsigmoid"), Act("mish"), Conv(4, (3, 3), 1, 1, 1, 1, False), Act("hardswish"),
+            Glu("sigmoid"), Act("hardsigmoid"))
+    spec = NetSpec((3, 6, 5), body, Head("gap", 3, hidden=4, act="silu"), seed=7)
+    check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
+    check(spec, dict(_OPTS, share_forward=False, relu_backward="sum"), 2, 0.5, np.array([1, 1]))
+    spec = NetSpec((2, 4, 4), (Conv(4, (3, 3), 1, 1, 1, 1, True), Act("gelu_tanh"), SE(2, Act("relu"), "sigmoid")),
+                   Head("flatten", 2), seed=2, opset=20)
+    check(spec, dict(_OPTS, share_forward=False), 2, 0.35, np.array([1, 0]))

@@ -39,8 +39,15 @@ MEMORY_REUSE_NODE_LIMIT = 3000
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
+# onnxruntime's pre-packing copies a constant Gemm/MatMul/ConvTranspose weight into the kernel's
+# layout, one copy per node that reads it: a converted model reads W and |W| from forward and
+# adjoint products, and the copies were a third of VGG16's session memory, for no measurable
+# speed at batch 1 (benchmarks/RESULTS.md, "Memory")
+PREPACKING_DEFAULT = False
+
+
 def session_options(threads: int | None = None, level: str = "all", quiet: bool = True,
-                    memory_reuse: bool = True):
+                    memory_reuse: bool = True, prepacking: bool = PREPACKING_DEFAULT):
     import onnxruntime as ort
     so = ort.SessionOptions()
     if threads:
@@ -57,14 +64,19 @@ def session_options(threads: int | None = None, level: str = "all", quiet: bool 
     # onnxruntime plans buffer reuse in time quadratic in the node count; above a few thousand
     # nodes (DenseNet with all heads) that dominates session start, so it can be turned off
     so.enable_mem_reuse = bool(memory_reuse)
+    if not prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
-def make_session(model, providers=None, *, threads=None, optimization="all", memory_reuse="auto"):
+def make_session(model, providers=None, *, threads=None, optimization="all", memory_reuse="auto",
+                 prepacking: bool = PREPACKING_DEFAULT):
     """An onnxruntime session for a converted model (path or ModelProto).
 
     memory_reuse "auto" keeps onnxruntime's buffer reuse for graphs of up to
-    MEMORY_REUSE_NODE_LIMIT nodes and turns it off above (faster start, more memory)."""
+    MEMORY_REUSE_NODE_LIMIT nodes and turns it off above (faster start, more memory).
+    prepacking: onnxruntime's `session.disable_prepacking` inverted (default off: see
+    PREPACKING_DEFAULT)."""
     import onnxruntime as ort
     from .io import model_source
     model = model_source(model)
@@ -75,7 +87,7 @@ def make_session(model, providers=None, *, threads=None, optimization="all", mem
         n_nodes = len(onnx.load(source, load_external_data=False).graph.node)
     if memory_reuse == "auto":
         memory_reuse = n_nodes <= MEMORY_REUSE_NODE_LIMIT
-    so = session_options(threads, optimization, memory_reuse=memory_reuse)
+    so = session_options(threads, optimization, memory_reuse=memory_reuse, prepacking=prepacking)
     return ort.InferenceSession(source, so, providers=list(providers or default_providers()))
 
 
@@ -88,12 +100,14 @@ class Explainer:
 
     def __init__(self, model, providers: list[str] | None = None, *, threads: int | None = None,
                  optimization: str = "all", memory_reuse="auto", check_finite: bool = True,
-                 io_binding="auto"):
+                 io_binding="auto", prepacking: bool = PREPACKING_DEFAULT):
         """providers: onnxruntime providers in order of preference (default: CUDA when usable,
         then CPU); threads, optimization ("disable", "basic", "extended", "all"): session options;
         io_binding: hand inputs to the provider's device as OrtValues and fetch the outputs from
         it, instead of `run`'s own copies ("auto": on for CUDA; off on the CPU, where it changes
-        nothing); check_finite: NumericalError instead of NaN/Inf maps."""
+        nothing); check_finite: NumericalError instead of NaN/Inf maps; prepacking: onnxruntime's
+        weight pre-packing (default off: a copy of each Gemm/ConvTranspose weight per node that
+        reads it, for no measurable speed at batch 1; benchmarks/RESULTS.md "Memory")."""
         from .io import load_header, model_source
         model = model_source(model)     # what dconnx.convert returned: its ModelProto
         if isinstance(model, onnx.ModelProto):
@@ -109,7 +123,8 @@ class Explainer:
         self.providers_requested = list(providers) if providers else default_providers()
         try:
             self.session = make_session(model, self.providers_requested, threads=threads,
-                                        optimization=optimization, memory_reuse=memory_reuse)
+                                        optimization=optimization, memory_reuse=memory_reuse,
+                                        prepacking=prepacking)
         except Exception as e:
             raise InvalidModelError(f"onnxruntime cannot load the model: {e}") from e
         self.provider = self.session.get_providers()[0]

@@ -88,6 +88,7 @@ def metadata(comp) -> dict:
             "stabilize": o.stabilize, "relu_backward": o.relu_backward, "ties": o.ties,
             "lrp_epsilon": o.lrp_epsilon, "normalize": o.normalize, "linear_form": o.linear_form,
             "share_forward": o.share_forward, "fold_batchnorm": o.fold_batchnorm,
+            "weight_variants": o.weight_variants,
             "precision": o.precision}),
         "dconnx.preprocess": json.dumps({"mean": list(o.mean) if o.mean else None,
                                          "std": list(o.std) if o.std else None}),

@@ -15,6 +15,7 @@ import onnx
 
 from .errors import InvalidModelError
 from .ops import CONST_OPERAND_OPS
+from .ops.resample import FIXED_FLOAT32_OPERANDS
 
 # A declaration must not make us allocate without bound.
 MAX_ELEMENTS = 2**31 - 1          # per tensor (runtimes index with int32)
@@ -258,18 +259,31 @@ def _dims(vi: onnx.ValueInfoProto) -> list:
 def check_declared_shapes(model: onnx.ModelProto) -> None:
     """No zero-size and no huge float tensors (inputs, outputs, every inferred shape)."""
     g = model.graph
+    placeholders = _empty_operand_placeholders(g)
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or tt.elem_type not in FLOAT_ELEM_TYPES or not tt.HasField("shape"):
             continue
-        _check_dims(vi.name, _dims(vi))
+        _check_dims(vi.name, _dims(vi), zero_ok=vi.name in placeholders)
 
 
-def _check_dims(name: str, dims: list) -> None:
+def _empty_operand_placeholders(g: onnx.GraphProto) -> set[str]:
+    """Tensors read only as Resize's roi or scales: Resize 11-12 has no optional inputs, so the
+    TorchScript exporter writes an empty constant where a later opset leaves them out."""
+    uses: dict[str, list[bool]] = {}
+    for node in g.node:
+        fixed = FIXED_FLOAT32_OPERANDS.get(node.op_type, ())
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, []).append(i in fixed)
+    outputs = {o.name for o in g.output}
+    return {name for name, at in uses.items() if all(at) and name not in outputs}
+
+
+def _check_dims(name: str, dims: list, zero_ok: bool = False) -> None:
     if any(isinstance(d, int) and d < 0 for d in dims):
         raise InvalidModelError(f"tensor '{name}' has a negative dimension {dims} (a kernel larger than "
                                 "its padded input?)")
-    if any(d == 0 for d in dims):
+    if any(d == 0 for d in dims) and not zero_ok:
         raise InvalidModelError(f"tensor '{name}' has a zero-size dimension {dims}: there is nothing "
                                 "to explain")
     n = math.prod(d for d in dims if isinstance(d, int))

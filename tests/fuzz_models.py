@@ -911,8 +911,11 @@ def body_mixes_pair_sums(spec: NetSpec) -> bool:
 def relu_only(spec: NetSpec) -> bool:
     """Every activation is a Relu: then ties at 0 follow one convention (relu'(0) = 0) in torch
     and in dconnx. (Clip's autograd passes the gradient at its bounds; dconnx's canonical
-    Relu(x − a) − Relu(x − b) does not at a: a tie convention, not an error.)"""
-    return all(k == "relu" for k in _act_kinds(spec.body)) and spec.head.act in ("relu", "none")
+    Relu(x − a) − Relu(x − b) does not at a: a tie convention, not an error. Nor a max/min of a
+    branch: tied inputs tie it (x = 0 = conv x without bias), and torch.maximum splits the
+    gradient of a tie evenly where dconnx's b + Relu(a − b) gives it to b.)"""
+    return all(k == "relu" for k in _act_kinds(spec.body)) and spec.head.act in ("relu", "none") and \
+        not any(isinstance(l, MaxMin) for l in spec.body)
 
 
 # ----------------------------------------------------------------------------- reference

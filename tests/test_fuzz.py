@@ -389,3 +389,12 @@ def test_regression_smooth_activations_and_gates():
     spec = NetSpec((2, 4, 4), (Conv(4, (3, 3), 1, 1, 1, 1, True), Act("gelu_tanh"), SE(2, Act("relu"), "sigmoid")),
                    Head("flatten", 2), seed=2, opset=20)
     check(spec, dict(_OPTS, share_forward=False), 2, 0.35, np.array([1, 0]))
+
+
+def test_regression_no_ties_for_max_of_a_branch():
+    """Found by the fuzzer: max(x, conv x) with a 1×1 conv without bias on tied data (exact zeros):
+    x = 0 = conv x, where torch.maximum's gradient splits the tie evenly and dconnx's
+    b + relu(a − b) gives it to b (a tie convention): tied data is drawn only without max/min."""
+    spec = NetSpec((1, 3, 3), (MaxMin("max", Conv(1, (1, 1), 1, 0, 1, 1, False)),), Head("flatten", 1), seed=0)
+    assert not relu_only(spec)
+    check(spec, dict(_OPTS, share_forward=False), 1, 0.5, np.array([0]))

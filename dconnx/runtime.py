@@ -41,8 +41,8 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(
 
 # onnxruntime's pre-packing copies a constant Gemm/MatMul/ConvTranspose weight into the kernel's
 # layout, one copy per node that reads it: a converted model reads W and |W| from forward and
-# adjoint products, and the copies were a third of VGG16's session memory, for no measurable
-# speed at batch 1 (benchmarks/RESULTS.md, "Memory")
+# adjoint products: the copies take VGG16's session from 1.6x to 3.1x the original's peak RSS,
+# for 5-15 % of speed at batch 1 (README "Memory", benchmarks/RESULTS.md "Memory")
 PREPACKING_DEFAULT = False
 
 
@@ -107,7 +107,7 @@ class Explainer:
         it, instead of `run`'s own copies ("auto": on for CUDA; off on the CPU, where it changes
         nothing); check_finite: NumericalError instead of NaN/Inf maps; prepacking: onnxruntime's
         weight pre-packing (default off: a copy of each Gemm/ConvTranspose weight per node that
-        reads it, for no measurable speed at batch 1; benchmarks/RESULTS.md "Memory")."""
+        reads it, for 5-15 % of speed at batch 1; README "Memory")."""
         from .io import load_header, model_source
         model = model_source(model)     # what dconnx.convert returned: its ModelProto
         if isinstance(model, onnx.ModelProto):

@@ -4,7 +4,9 @@ A ReLU's backward keeps its cotangent where the mask holds and zeros it elsewher
 onnxruntime's Where walks its three operands through a general broadcasting loop,
 about twice the time of a Cast of the mask and a vectorized Mul (measured on the
 MobileNetV2 activation shapes, benchmarks/RESULTS.md). For a finite cotangent the two
-agree exactly (up to the sign of a zero); the float mask is built once per mask.
+agree exactly (up to the sign of a zero); the float mask is built once per mask. A Where
+that guards a quotient (LRP's ratios at ε = 0, where 0·inf would be NaN) stays: only
+cotangents that sums, products with weights and moves produce are rewritten.
 
 Then a sum with one negated masked piece, Sum(x, Neg(d) · m) (the upper ReLU of a
 ReLU6 = Relu(x) − Relu(x − 6)), becomes Sub(x, d · m): the same numbers (negation is
@@ -27,9 +29,31 @@ def _zero_scalars(g: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
+# ops that keep finite values finite (short of overflow): their results need no guard
+_FINITE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "Add", "Sub", "Sum", "Neg", "Relu",
+           "Where", "Concat", "ScatterElements", "GatherElements", "ReduceSum", "AveragePool",
+           "Pad", "Resize", "Tile"}
+# ops that only move values: what matters is where they come from
+_MOVES = {"Split", "Slice", "Reshape", "Transpose", "Identity", "Expand", "Squeeze", "Unsqueeze",
+          "Flatten"}
+
+
+def _finite_source(t: str, producer: dict) -> bool:
+    """True when t is a graph input or constant, or computed by a _FINITE op (through moves)."""
+    for _ in range(64):
+        n = producer.get(t)
+        if n is None:
+            return True
+        if n.op_type not in _MOVES:
+            return n.op_type in _FINITE
+        t = n.input[0]
+    return False
+
+
 def where_to_mul(model: onnx.ModelProto) -> int:
     g = model.graph
     zeros = _zero_scalars(g)
+    producer = {o: n for n in g.node for o in n.output if o}
     if not zeros:
         return 0
     outputs = {o.name for o in g.output}
@@ -38,7 +62,7 @@ def where_to_mul(model: onnx.ModelProto) -> int:
     nodes, done = [], 0
     for n in g.node:
         if n.op_type == "Where" and len(n.input) == 3 and n.input[2] in zeros and n.input[1] not in zeros \
-                and n.output[0] not in outputs:
+                and _finite_source(n.input[1], producer) and n.output[0] not in outputs:
             m, a, z = n.input
             key = (m, zeros[z])
             if key not in floats:

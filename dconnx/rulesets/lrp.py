@@ -138,8 +138,9 @@ class SplitLRP(RuleSet):
             return (RP, None)      # R_Yp is 0 where m is: R_P = m·R_Yp = R_Yp, R_N = (1 − m)·R_Yp = 0
         m = self.mask(node)
         routed = self.b.add(RP, RN) if RN is not None else RP
-        return (self.comp.where(m, RP),
-                self.comp.where(m, RN if RN is not None else self.b.scalar(0.0), routed))
+        # m·R_Yp vanishes where P does (P = 0 ⇒ x ≤ 0 ⇒ m = 0) if R_Yp vanishes where Y_p does
+        kept = self._supported(self.comp.where(m, RP), RP)
+        return (kept, self.comp.where(m, RN if RN is not None else self.b.scalar(0.0), routed))
 
     def product(self, ct, node):
         """P' = ½(P+Q)² + ½(N+R)², N' = ½(P+R)² + ½(N+Q)² (u = P − N, v = Q − R): each square

@@ -17,6 +17,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
+from dconnx.ops.emitted import FINITE_PRESERVING, SUMS, VALUE_MOVES
+
 
 def _zero_scalars(g: onnx.GraphProto) -> dict[str, int]:
     """Rank-0 float initializers equal to 0 → their element type."""
@@ -29,23 +31,15 @@ def _zero_scalars(g: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
-# ops that keep finite values finite (short of overflow): their results need no guard
-_FINITE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "Add", "Sub", "Sum", "Neg", "Relu",
-           "Where", "Concat", "ScatterElements", "GatherElements", "ReduceSum", "AveragePool",
-           "Pad", "Resize", "Tile"}
-# ops that only move values: what matters is where they come from
-_MOVES = {"Split", "Slice", "Reshape", "Transpose", "Identity", "Expand", "Squeeze", "Unsqueeze",
-          "Flatten"}
-
-
 def _finite_source(t: str, producer: dict) -> bool:
-    """True when t is a graph input or constant, or computed by a _FINITE op (through moves)."""
+    """True when t is a graph input or constant, or computed by a finite-preserving op (through
+    moves)."""
     for _ in range(64):
         n = producer.get(t)
         if n is None:
             return True
-        if n.op_type not in _MOVES:
-            return n.op_type in _FINITE
+        if n.op_type not in VALUE_MOVES:
+            return n.op_type in FINITE_PRESERVING
         t = n.input[0]
     return False
 
@@ -94,7 +88,7 @@ def _sub_negated(g: onnx.GraphProto) -> int:
         uses[o.name] = uses.get(o.name, 0) + 2
     done, used = 0, set()
     for n in g.node:
-        if n.op_type not in ("Sum", "Add") or len(n.input) != 2 or n.input[0] == n.input[1]:
+        if n.op_type not in SUMS or len(n.input) != 2 or n.input[0] == n.input[1]:
             continue
         for k in (1, 0):
             mul = producer.get(n.input[k])

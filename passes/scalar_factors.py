@@ -22,8 +22,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-_SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Identity", "Cast"}
-_PRODUCTS = {"Conv": 3, "ConvTranspose": 3, "MatMul": 2, "Gemm": 3}    # op → inputs with a bias
+from dconnx.ops.emitted import SCALAR_ELEMENTWISE, SUMS, WEIGHT_PRODUCTS
 
 
 def _scalar_names(g: onnx.GraphProto) -> set[str]:
@@ -37,7 +36,7 @@ def _scalar_names(g: onnx.GraphProto) -> set[str]:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" \
                 and len(n.attribute[0].t.dims) == 0:
             out.add(n.output[0])
-        elif n.op_type in _SCALAR_OPS and n.input and all(i in out for i in n.input if i):
+        elif n.op_type in SCALAR_ELEMENTWISE and n.input and all(i in out for i in n.input if i):
             out.add(n.output[0])
     return out
 
@@ -107,7 +106,7 @@ class _Folder:
                 _, z, t = inner
                 n.input[:] = [z, self._new("Mul", [t, s], n)]
                 done += 1
-            elif n.op_type in ("Sum", "Add") and len(n.input) == 2:
+            elif n.op_type in SUMS and len(n.input) == 2:
                 # Sum(Mul(y, s), Mul(y, t)) → Mul(y, s + t)
                 p, q = self.scaled(n.input[0]), self.scaled(n.input[1])
                 if p is None or q is None or p[0] is q[0] or not (p[1] == q[1] or p[2] == q[2]) \
@@ -125,10 +124,10 @@ class _Folder:
                     self.after.setdefault(id(n), []).append(
                         helper.make_node("Mul", [n.output[0], p[2]], [out], name=f"{n.output[0]}#scale"))
                 done += 1
-            elif n.op_type in _PRODUCTS and len(n.input) >= 2:
+            elif n.op_type in WEIGHT_PRODUCTS and len(n.input) >= 2:
                 # Conv(Mul(y, s), W) → Mul(Conv(y, W), s), no bias: the Mul moves on to meet the
                 # next one (the weight stays a constant, so onnxruntime still prepacks it)
-                if len(n.input) >= _PRODUCTS[n.op_type] and n.input[_PRODUCTS[n.op_type] - 1]:
+                if len(n.input) >= WEIGHT_PRODUCTS[n.op_type] and n.input[WEIGHT_PRODUCTS[n.op_type] - 1]:
                     continue
                 inner = self.scaled(n.input[0])
                 if inner is None or n.input[1] in self.scalars or not self._free(n, inner[0]):

@@ -47,7 +47,7 @@ import onnx_torch
 from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, Move,
                          NetSpec, Pad, Residual, Upsample,
                          SE, Glu, body_mixes_pair_sums, export_exact, export_spec, graph_autograd, input_for,
-                         net_specs, products, reference_module, relu_only)
+                         _ends_smoothed, _kink_before_mix, net_specs, products, reference_module, relu_only)
 from helpers import session
 from precision import to_float64
 from reference import dc_reference as ref
@@ -398,3 +398,15 @@ def test_regression_no_ties_for_max_of_a_branch():
     spec = NetSpec((1, 3, 3), (MaxMin("max", Conv(1, (1, 1), 1, 0, 1, 1, False)),), Head("flatten", 1), seed=0)
     assert not relu_only(spec)
     check(spec, dict(_OPTS, share_forward=False), 1, 0.5, np.array([0]))
+
+
+def test_regression_no_kink_right_after_a_smooth_activation():
+    """Found by the fuzzer: relu(x) + relu(conv relu(x)) is exactly 0 where x ≤ 0, GELU keeps it
+    0, and the next Relu's mask is taken by dconnx from that exact 0 and by the reference from its
+    streams' difference, rounded (a tie): the generator draws no kink or max right after a smooth
+    activation (before a weighted layer); with a Conv between them the example is exact."""
+    residual = Residual((Conv(2, (1, 1), 1, 0, 1, 1, False), Act("relu")), "add")
+    body = (Act("relu"), residual, Act("gelu"), Act("relu"))
+    assert _kink_before_mix(body[3:]) and _ends_smoothed(body[:3], False)
+    spec = NetSpec((2, 3, 3), body[:3] + (Conv(2, (1, 1), 1, 0, 1, 1, True),) + body[3:], Head("flatten", 1), seed=0)
+    check(spec, dict(_OPTS, stabilize="none", share_forward=False), 1, 0.5, np.array([0]))

@@ -6,7 +6,7 @@
 
 For each model (random weights, exported as benchmarks/run.py does) and each
 conversion — SplitGrad, and all three heads, in each `weight_variants` layout
-("session", the default; "per-run"; "precomputed", every variant folded as
+("session", the default; "adjoints", with flipped adjoint kernels; "per-run"; "precomputed", every variant folded as
 dconnx did before) — a fresh process creates the onnxruntime session with
 dconnx's session options (`dconnx.runtime.make_session`, CPU) and runs one
 batch-1 224² input: its peak RSS (VmHWM: creation and first run) is the
@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"), str(ROOT)]
 
 MODELS = ("vgg16", "resnet50")
 HEADS = {"splitgrad": "splitgrad", "all three": "splitgrad,splitcam,splitlrp"}
-LAYOUTS = ("session", "per-run", "precomputed")
+LAYOUTS = ("session", "adjoints", "per-run", "precomputed")
 # (heads, bound on converted peak RSS / original peak RSS), at the serving setting
 TARGETS = {"splitgrad": 2.0, "all three": 2.5}
 SIZE_TARGET = 1.05
@@ -122,10 +122,13 @@ def bench_model(name, out, runs, threads, log) -> list[dict]:
 
 
 def target_rows(rows):
-    """The issue's bounds at the serving setting (prepacking off, weight_variants="session")."""
+    """The issue's bounds at the serving setting (prepacking off, the default weight_variants:
+    "auto" resolves to "adjoints" for SplitGrad alone, "session" for all three heads)."""
+    from dconnx.compilation import Options
     out = []
     for r in rows:
-        if r["layout"] == "session" and not r["prepacking"]:
+        methods = tuple(HEADS[r["heads"]].split(",")) if r["heads"] in HEADS else ()
+        if methods and r["layout"] == Options(methods=methods).validate().weight_variants and not r["prepacking"]:
             bound = TARGETS[r["heads"]]
             out.append((f"{r['heads']} peak RSS / original", r["model"], r["rss_ratio"], bound))
             out.append((f"{r['heads']} file / original", r["model"], r["size_ratio"], SIZE_TARGET))

@@ -50,11 +50,15 @@ def _add_convert(sub):
     p.add_argument("--precision", choices=["float32", "float16"], default="float32",
                    help="float16 halves memory and suits CUDA; its accuracy against float32 is "
                         "measured in docs/reliability.md (default float32)")
-    p.add_argument("--weight-variants", choices=["session", "per-run", "precomputed"], default="session",
+    p.add_argument("--weight-variants", choices=["auto", "session", "adjoints", "per-run", "precomputed"],
+                   default="auto",
                    help="weight-derived tensors: 'session' folds |W| once at session start and "
-                        "derives W+, W- products from W and |W| (default); 'per-run' recomputes |W| "
+                        "derives W+, W- products from W and |W|; 'adjoints' also folds "
+                        "the flipped kernels of stride-1 convolutions' adjoints (faster, two more "
+                        "copies of those kernels); 'per-run' recomputes |W| "
                         "on every run (least memory, slower); 'precomputed' folds every variant "
-                        "(fastest, most memory). docs/serving.md#memory")
+                        "(fastest, most memory); 'auto' (default): 'adjoints' for splitgrad and splitcam "
+                        "alone, else 'session'. README.md#memory")
     p.add_argument("--channel-axis", type=int, default=None,
                    help="channel axis of the input (default: detected, 1 for NCHW, 3 for NHWC)")
     p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "

@@ -1,6 +1,7 @@
 """Which weight-derived tensors a converted model holds (option `weight_variants`), read off the
 graph: what onnxruntime folds at session start is every node whose inputs are all constants.
 Structural, not a memory measurement (benchmarks/run.py --memory measures the session's RSS)."""
+import json
 from collections import Counter
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_splitgrad_holds_w_and_abs_w_only(arch, zoo_model, request):
     (no flipped adjoint kernels, no W⁺, W⁻)."""
     path = request.getfixturevalue("vgg16_small_onnx") if arch == "vgg16_small" else \
         zoo_model(arch, "torchscript")
-    model = dconnx.convert(path, methods="splitgrad").model
+    model = dconnx.convert(path, methods="splitgrad", weight_variants="session").model
     folded = folded_weight_tensors(model)
     layers = sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm") and not n.name.startswith("dc/"))
     assert set(folded) == {"Abs"}, folded
@@ -57,8 +58,23 @@ def test_splitgrad_holds_w_and_abs_w_only(arch, zoo_model, request):
     assert folded["Abs"] == layers, (folded, layers)
 
 
+def test_auto_layout_folds_adjoint_kernels_for_splitgrad_only(zoo_model):
+    """The default ("auto"): SplitGrad alone holds W, |W| and the flipped kernels of the stride-1
+    convolutions' adjoints (each adjoint a Conv), recorded as "adjoints"; no W⁺, W⁻."""
+    model = dconnx.convert(zoo_model("resnet18", "torchscript"), methods="splitgrad").model
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["dconnx.options"])["weight_variants"] == "adjoints"
+    folded = folded_weight_tensors(model)
+    assert {"Slice<-Transpose", "Abs<-Slice<-Transpose"} <= set(folded), folded
+    assert not any(k.startswith("Relu") for k in folded), folded
+    stride1 = sum(1 for n in model.graph.node if n.op_type == "Conv" and not n.name.startswith("dc/")
+                  and all(a.name != "strides" or set(a.ints) == {1} for a in n.attribute))
+    assert folded["Slice<-Transpose"] + folded["Abs<-Slice<-Transpose"] == 2 * stride1, (folded, stride1)
+
+
 def test_all_three_heads_hold_no_signed_parts(zoo_model):
-    """SplitLRP's W⁺ᵀ, W⁻ᵀ products are half-sums and half-differences of W and |W| products."""
+    """SplitLRP's W⁺ᵀ, W⁻ᵀ products are half-sums and half-differences of W and |W| products (the
+    "auto" layout is "session" with SplitLRP among the heads)."""
     model = dconnx.convert(zoo_model("resnet18", "torchscript"), methods=ALL3).model
     folded = folded_weight_tensors(model)
     assert set(folded) <= {"Abs", "Abs<-Reshape"}, folded   # |W|, and |bias| shaped for a Conv
@@ -94,13 +110,15 @@ def test_per_run_folds_nothing_and_computes_the_same_maps():
 
 
 def test_the_layouts_compute_the_same_maps():
-    """session (W⁺/W⁻ as half-sums) and precomputed (W⁺/W⁻ folded) agree to float32 rounding."""
+    """session (W⁺/W⁻ as half-sums), adjoints (the same, with flipped adjoint kernels) and
+    precomputed (W⁺/W⁻ folded) agree to float32 rounding."""
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
     out = {mode: Explainer(dconnx.convert(FIXTURE, methods=ALL3, weight_variants=mode).model,
                            providers=["CPUExecutionProvider"])(x, target=[0, 3])
-           for mode in ("session", "precomputed")}
+           for mode in ("session", "adjoints", "precomputed")}
     for k, v in out["precomputed"].items():
-        np.testing.assert_allclose(out["session"][k], v, rtol=0, atol=1e-5 * np.abs(v).max(), err_msg=k)
+        for mode in ("session", "adjoints"):
+            np.testing.assert_allclose(out[mode][k], v, rtol=0, atol=1e-5 * np.abs(v).max(), err_msg=(mode, k))
 
 
 def test_unknown_layout_is_refused():

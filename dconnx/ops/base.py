@@ -20,6 +20,10 @@ Which weight-derived tensors the session holds (option `weight_variants`):
     "per-run"      W only: each weight with a variant is an overridable initializer, so
                    the runtime cannot fold what is computed from it; |W| is recomputed on
                    every run (least memory, slower).
+    "adjoints"     W and |W| as in "session", and a stride-1 convolution's adjoint kernels
+                   (W and |W| flipped, channels swapped) folded too: the adjoint is a Conv,
+                   which onnxruntime runs faster than the ConvTranspose of "session"
+                   (benchmarks/RESULTS.md), for two more copies of each such kernel.
     "precomputed"  every variant the rules use (W⁺, W⁻, flipped adjoint kernels) folded
                    at session start (fastest; up to five copies of a convolution weight).
 """

@@ -100,7 +100,7 @@ class ConvMap(ConvFamilyMap):
         flipped kernel: faster in onnxruntime for every stride-1 shape measured (0.2-0.8x for
         depthwise and grouped, 0.5x for dense 3x3; benchmarks/RESULTS.md), but its flipped copies
         stay in the session beside the forward kernels. So the flipped form where every variant
-        is precomputed, and for grouped convolutions (depthwise ones above all), whose kernels
+        is precomputed or the adjoint kernels are ("adjoints"), and for grouped convolutions (depthwise ones above all), whose kernels
         are small, also where the session holds only W and |W|. Strided ones keep ConvTranspose
         (for depthwise ones a polyphase Conv + DepthToSpace or zero insertion + Conv measured
         2-20x slower: onnxruntime's DepthToSpace and Pad dominate)."""
@@ -112,7 +112,7 @@ class ConvMap(ConvFamilyMap):
         flip_pads = [reach[i] - self.pads[i] for i in range(nd)] + \
                     [reach[i] - self.pads[nd + i] for i in range(nd)]
         layout = self.comp.opts.weight_variants
-        flipped = layout == "precomputed" or (layout == "session" and self.group > 1)
+        flipped = layout in ("precomputed", "adjoints") or (layout == "session" and self.group > 1)
         if flipped and all(s == 1 for s in self.strides) and all(p >= 0 for p in flip_pads):
             return b.op("Conv", [ct, self._flipped(variant)], kernel_shape=self.k, strides=[1] * nd,
                         dilations=self.dil, pads=flip_pads, group=self.group,

@@ -1,6 +1,7 @@
 """Options and the shared state of one conversion (what the passes read and extend)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -128,6 +129,7 @@ class Compilation:
     target_input: str = ""
     alpha_input: str = ""
     target_resolved: str = ""     # int64 [batch]: the explained class per sample
+    fold_signed_parts: int = 0    # > 0: products with W⁺, W⁻ read them folded (folding_signed_parts)
     seed: str = ""                # one-hot [batch, classes] of the explained logit
                                   # (dense outputs: ⊗ the region, shaped like the output)
     region_input: str = ""        # dense outputs: the `region` mask input [batch, *spatial]
@@ -139,6 +141,16 @@ class Compilation:
     fused_interior: set = field(default_factory=set) # inner nodes of those subgraphs
     _cache: dict = field(default_factory=dict)
 
+    @contextmanager
+    def folding_signed_parts(self):
+        """Inside, a product with W⁺ or W⁻ reads that weight folded, not the half-sum of the W and
+        |W| products: the LRP baselines' z⁺ = W⁺x, as their reference rules compute it (a half-sum
+        loses float32 digits where W⁺x is small against |W|x: 1e-3 of the relevance measured)."""
+        self.fold_signed_parts += 1
+        try:
+            yield
+        finally:
+            self.fold_signed_parts -= 1
     def __post_init__(self):
         self.refresh()
 

@@ -450,6 +450,7 @@ def net_specs(draw, max_blocks: int = 6):
     in_shape = shape = (c, h, w)
     body = []
     clipped = saturated = smoothed = False
+    zeros_shifted = (False, False, False)
     for _ in range(draw(st.integers(1, max_blocks))):
         layers, new_shape = draw(block(shape))
         if clipped and any(isinstance(l, (MaxPool, GlobalMax, MaxMin)) for l in layers):
@@ -464,7 +465,13 @@ def net_specs(draw, max_blocks: int = 6):
             # a smooth activation keeps an exact 0 (GELU, SiLU, Tanh, … of a Relu's zeros) that the
             # reference's streams hold only to rounding: a tie at the next kink or in a max window
             continue
+        if _zeros_shifted(layers, zeros_shifted)[2]:
+            # a Relu's zeros through a BatchNorm (or a constant affine op) stay one value per channel,
+            # a tie in a max window, which dconnx breaks on the original activation and the
+            # reference on p − n, rounded (found by the fuzzer: Concat(Conv, Conv-Relu), BN, MaxPool)
+            continue
         clipped = clipped or _has_clip(layers)
+        zeros_shifted = _zeros_shifted(layers, zeros_shifted)
         saturated = _ends_saturated(layers, saturated)
         smoothed = _ends_smoothed(layers, smoothed)
         body += layers
@@ -809,7 +816,10 @@ def _has_clip(layers) -> bool:
     return False
 
 
-_MIXING = (Conv, ConvT, BN, Affine)     # layers that move a saturated value off a kink
+# layers that move a saturated value off a kink (BatchNorm and the constant affine ops map equal
+# values of a channel to equal values: they keep a tie, and only its value is then rounded)
+_MIXING = (Conv, ConvT)
+_TIE_KEEPING = (BN, Affine)
 
 
 def _clip_before_mix(layers) -> bool:
@@ -851,6 +861,29 @@ def _ends_smoothed(layers, smoothed: bool) -> bool:
         elif isinstance(l, (SE, Glu)) or any(k in SMOOTH for k in _act_kinds([l])):
             smoothed = True
     return smoothed
+
+
+def _has_relu(layers) -> bool:
+    """A Relu-type activation (exact zeros) whose output reaches the layers' output."""
+    return any(k in ("relu", "relu6", "hardtanh") for k in _act_kinds(
+        [l for l in layers if not isinstance(l, (SE, Glu))]))
+
+
+def _zeros_shifted(layers, state: tuple) -> tuple:
+    """(zeros, shifted, tie): a Relu's exact zeros leave `layers` with no weighted layer after them;
+    a BatchNorm or constant affine op moved them off 0 (one value per channel, rounded in the
+    reference); and such values reached a max (max pooling, max/min of a branch)."""
+    zeros, shifted, tie = state
+    for l in layers:
+        if isinstance(l, _MIXING):
+            zeros = shifted = False
+        elif isinstance(l, _TIE_KEEPING):
+            shifted = shifted or zeros
+        elif isinstance(l, (MaxMin, MaxPool, GlobalMax)):
+            tie = tie or shifted
+        elif _has_relu([l]):
+            zeros, shifted = True, False
+    return zeros, shifted, tie
 
 
 def _has_bn(layers) -> bool:

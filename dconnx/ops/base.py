@@ -136,9 +136,11 @@ class LinearMap:
 
     def _products(self, product: Callable[[str, str], str], x: str, variant: str, key: str) -> str:
         """product(x, variant) for a signed weight: W⁺/W⁻ as half-sums and half-differences of
-        the W and |W| products unless every variant is precomputed; each product built once."""
+        the W and |W| products unless every variant is precomputed or the caller folds the signed
+        parts (Compilation.folding_signed_parts); each product built once."""
         k = ("product", self.y, key)
-        if variant in SIGNED_PARTS and self.comp.opts.weight_variants != "precomputed":
+        if variant in SIGNED_PARTS and self.comp.opts.weight_variants != "precomputed" \
+                and not self.comp.fold_signed_parts:
             return signed_part(self.comp, product, x, variant, k)
         return self.comp.cached(k + (x, variant), lambda: product(x, variant))
 

@@ -196,6 +196,10 @@ class LRPRules(RuleSet):
         return (vector,)
 
     def linear(self, ct, lin):
+        with self.comp.folding_signed_parts():
+            return self._linear(ct, lin)
+
+    def _linear(self, ct, lin):
         R = ct[0]
         if lin.kind == "move":
             return (lin.transpose(R),)

@@ -452,19 +452,8 @@ SEG_SIZE = 16      # the U-Net of tests/test_segmentation.py: input and output 1
 def unet_model(tmp_path_factory) -> Path:
     """The U-Net of tests/test_segmentation.py (random weights, randomized BatchNorm), converted
     with three methods: output [batch, 4, 16, 16], a `region` input."""
-    import warnings
-
-    import torch
-    from helpers import export
-    from test_segmentation import UNet, _random_bn
-    torch.manual_seed(0)
-    net = _random_bn(UNet(), 1)
-    x = np.random.RandomState(0).randn(1, 3, SEG_SIZE, SEG_SIZE).astype(np.float32)
-    out = tmp_path_factory.mktemp("page-unet") / "unet.dc.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # the CAMs at the input layer: fine here
-        dconnx.convert(export(net, torch.tensor(x)), out, methods=METHODS)
-    return out
+    from test_segmentation import converted_unet_file
+    return converted_unet_file(tmp_path_factory.mktemp("page-unet"), SEG_SIZE, METHODS)
 
 
 @pytest.fixture(scope="module")

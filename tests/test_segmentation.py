@@ -47,6 +47,22 @@ def _random_bn(net: nn.Module, seed: int) -> nn.Module:
     return net.eval()
 
 
+def converted_unet_file(directory, size: int, methods: str):
+    """The U-Net (seeded weights, randomized BatchNorm) converted with `methods` for a size×size
+    input, written to directory/unet.dc.onnx (the page and serve tests' dense model)."""
+    import warnings
+
+    import dconnx
+    torch.manual_seed(0)
+    net = _random_bn(UNet(), 1)
+    x = np.random.RandomState(0).randn(1, 3, size, size).astype(np.float32)
+    out = directory / "unet.dc.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the CAMs at the input layer: fine here
+        dconnx.convert(export(net, torch.tensor(x)), out, methods=methods)
+    return out
+
+
 @pytest.fixture(scope="session")
 def unet():
     torch.manual_seed(0)

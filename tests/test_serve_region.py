@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +34,8 @@ METHODS = "splitgrad,splitcam,splitlrp"
 
 @pytest.fixture(scope="module")
 def unet(tmp_path_factory) -> Path:
-    import torch
-    from helpers import export
-    from test_segmentation import UNet, _random_bn
-    torch.manual_seed(0)
-    net = _random_bn(UNet(), 1)
-    x = np.random.RandomState(0).randn(1, 3, SIZE, SIZE).astype(np.float32)
-    out = tmp_path_factory.mktemp("serve-unet") / "unet.dc.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # the CAMs at the input layer: fine here
-        dconnx.convert(export(net, torch.tensor(x)), out, methods=METHODS)
-    return out
+    from test_segmentation import converted_unet_file
+    return converted_unet_file(tmp_path_factory.mktemp("serve-unet"), SIZE, METHODS)
 
 
 @pytest.fixture(scope="module")

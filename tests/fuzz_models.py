@@ -457,11 +457,11 @@ def net_specs(draw, max_blocks: int = 6):
             # ReLU6/Hardtanh saturate to one value: exact ties in a max window, which dconnx breaks
             # on the original activation and the float64 reference on its Relu form, rounded
             continue
-        if saturated and _clip_before_mix(layers):
+        if saturated and _reached_before_mix(layers, _is_clip):
             # a clip's saturated value (exactly 2p or 6) at the next clip's kink: an exact tie, which
             # dconnx breaks on the original activation and the reference on its Relu form, rounded
             continue
-        if smoothed and _kink_before_mix(layers):
+        if smoothed and _reached_before_mix(layers, _is_kink):
             # a smooth activation keeps an exact 0 (GELU, SiLU, Tanh, … of a Relu's zeros) that the
             # reference's streams hold only to rounding: a tie at the next kink or in a max window
             continue
@@ -472,8 +472,8 @@ def net_specs(draw, max_blocks: int = 6):
             continue
         clipped = clipped or _has_clip(layers)
         zeros_shifted = _zeros_shifted(layers, zeros_shifted)
-        saturated = _ends_saturated(layers, saturated)
-        smoothed = _ends_smoothed(layers, smoothed)
+        saturated = _leaves(layers, saturated, _is_clip)
+        smoothed = _leaves(layers, smoothed, _is_smooth)
         body += layers
         shape = new_shape
     c, h, w = shape
@@ -822,45 +822,39 @@ _MIXING = (Conv, ConvT)
 _TIE_KEEPING = (BN, Affine)
 
 
-def _clip_before_mix(layers) -> bool:
-    """A clip activation reached before any weighted layer (at the top level of `layers`)."""
+def _is_clip(l) -> bool:
+    return _has_clip([l])
+
+
+def _is_kink(l) -> bool:
+    """A kink or a max: piecewise activation, abs, max/min, max pooling."""
+    return (isinstance(l, Act) and l.kind in PIECEWISE) or isinstance(l, (Abs, MaxMin, MaxPool, GlobalMax))
+
+
+def _is_smooth(l) -> bool:
+    """A smooth activation or a gate."""
+    return isinstance(l, (SE, Glu)) or any(k in SMOOTH for k in _act_kinds([l]))
+
+
+def _reached_before_mix(layers, hit) -> bool:
+    """A layer `hit` reached before any weighted layer (at the top level of `layers`)."""
     for l in layers:
         if isinstance(l, _MIXING):
             return False
-        if _has_clip([l]):
+        if hit(l):
             return True
     return False
 
 
-def _ends_saturated(layers, saturated: bool) -> bool:
-    """Whether a clip's saturated values leave `layers` with no weighted layer after the clip."""
+def _leaves(layers, state: bool, hit) -> bool:
+    """Whether the output of a layer `hit` leaves `layers` with no weighted layer after it
+    (`state`: whether it entered them so)."""
     for l in layers:
         if isinstance(l, _MIXING):
-            saturated = False
-        elif _has_clip([l]):
-            saturated = True
-    return saturated
-
-
-def _kink_before_mix(layers) -> bool:
-    """A kink or a max (piecewise activation, abs, max/min, max pooling) reached before any
-    weighted layer (at the top level of `layers`)."""
-    for l in layers:
-        if isinstance(l, _MIXING):
-            return False
-        if (isinstance(l, Act) and l.kind in PIECEWISE) or isinstance(l, (Abs, MaxMin, MaxPool, GlobalMax)):
-            return True
-    return False
-
-
-def _ends_smoothed(layers, smoothed: bool) -> bool:
-    """Whether a smooth activation's (or a gate's) output leaves `layers` with no weighted layer after it."""
-    for l in layers:
-        if isinstance(l, _MIXING):
-            smoothed = False
-        elif isinstance(l, (SE, Glu)) or any(k in SMOOTH for k in _act_kinds([l])):
-            smoothed = True
-    return smoothed
+            state = False
+        elif hit(l):
+            state = True
+    return state
 
 
 def _has_relu(layers) -> bool:

@@ -47,7 +47,7 @@ import onnx_torch
 from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, Move,
                          NetSpec, Pad, Residual, Upsample,
                          SE, Glu, body_mixes_pair_sums, export_exact, export_spec, graph_autograd, input_for,
-                         _ends_smoothed, _kink_before_mix, net_specs, products, reference_module, relu_only)
+                         _is_kink, _is_smooth, _leaves, _reached_before_mix, net_specs, products, reference_module, relu_only)
 from helpers import session
 from precision import to_float64
 from reference import dc_reference as ref
@@ -407,6 +407,6 @@ def test_regression_no_kink_right_after_a_smooth_activation():
     activation (before a weighted layer); with a Conv between them the example is exact."""
     residual = Residual((Conv(2, (1, 1), 1, 0, 1, 1, False), Act("relu")), "add")
     body = (Act("relu"), residual, Act("gelu"), Act("relu"))
-    assert _kink_before_mix(body[3:]) and _ends_smoothed(body[:3], False)
+    assert _reached_before_mix(body[3:], _is_kink) and _leaves(body[:3], False, _is_smooth)
     spec = NetSpec((2, 3, 3), body[:3] + (Conv(2, (1, 1), 1, 0, 1, 1, True),) + body[3:], Head("flatten", 1), seed=0)
     check(spec, dict(_OPTS, stabilize="none", share_forward=False), 1, 0.5, np.array([0]))

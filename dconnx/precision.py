@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .ops import FLOAT16_MISSING
 from .ops.resample import FIXED_FLOAT32_OPERANDS
 
-FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def _retype(value_infos, to: int) -> None:
@@ -34,17 +34,7 @@ def cast_model(model: onnx.ModelProto, to: int, keep_io: bool = False) -> onnx.M
     m.CopyFrom(model)
     g = m.graph
     boundary = {vi.name for vi in g.input} if keep_io else set()
-    # float operands whose type the op fixes (Resize's roi and scales are float32 in every model)
-    fixed = {node.input[i] for node in g.node for i in FIXED_FLOAT32_OPERANDS.get(node.op_type, ())
-             if i < len(node.input) and node.input[i]}
-    producer = {o: node for node in g.node for o in node.output}
-    stack = list(fixed)
-    while stack:           # and the constant subgraph that computes them (an export without folding)
-        node = producer.get(stack.pop())
-        if node is not None:
-            new = [i for i in node.input if i and i not in fixed]
-            fixed.update(new)
-            stack += new
+    fixed = _fixed_float32(g)
     for t in g.initializer:
         if t.data_type in FLOATS and t.data_type != to and t.name not in boundary | fixed:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np_to), t.name))
@@ -86,6 +76,61 @@ def cast_model(model: onnx.ModelProto, to: int, keep_io: bool = False) -> onnx.M
     del g.node[:]
     g.node.extend(nodes)
     return m
+
+
+def _fixed_float32(g) -> set[str]:
+    """Float operands whose type the op fixes (Resize's roi and scales are float32 in every
+    model) and the constant subgraph that computes them (an export without folding)."""
+    fixed = {node.input[i] for node in g.node for i in FIXED_FLOAT32_OPERANDS.get(node.op_type, ())
+             if i < len(node.input) and node.input[i]}
+    producer = {o: node for node in g.node for o in node.output}
+    stack = list(fixed)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None:
+            new = [i for i in node.input if i and i not in fixed]
+            fixed.update(new)
+            stack += new
+    return fixed
+
+
+def _name(t: int) -> str:
+    return TensorProto.DataType.Name(t).lower()
+
+
+def foreign_float_types(model: onnx.ModelProto, to: int) -> list[str]:
+    """What in `model` holds or produces a float type other than `to` (the op-fixed Resize
+    operands aside): Casts to another float type, initializers and graph outputs, one line each."""
+    g = model.graph
+    fixed = _fixed_float32(g)
+    found = []
+    for node in g.node:
+        if node.op_type == "Cast" and not set(node.output) & fixed:
+            t = next(a.i for a in node.attribute if a.name == "to")
+            if t in FLOATS and t != to:
+                found.append(f"Cast '{node.name or node.output[0]}' to {_name(t)}")
+    for t in g.initializer:
+        if t.data_type in FLOATS and t.data_type != to and t.name not in fixed:
+            found.append(f"initializer '{t.name}' ({_name(t.data_type)})")
+    for vi in g.output:
+        et = vi.type.tensor_type.elem_type
+        if et in FLOATS and et != to:
+            found.append(f"output '{vi.name}' ({_name(et)})")
+    return found
+
+
+def unify_float_types(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A model that mixes float types (a float16 body between float32 inputs and outputs, a
+    float64 head, a round trip through another type) computed in its data input's float type
+    throughout: each Cast between float types becomes one to that type (then removed as the
+    identity it is on values: its gradient is the identity too), other-typed initializers are
+    converted, float outputs declared in that type. Returns the model (unchanged when nothing
+    differs) and what was retyped."""
+    to = float_type_of(model)
+    found = foreign_float_types(model, to)
+    if not found:
+        return model, []
+    return cast_model(model, to), found
 
 
 def _float32_islands(nodes, to):

@@ -121,6 +121,7 @@ class Canonicalize(Pass):
         ed = _Graph(model)
         self.constants_to_initializers(ed, res)
         ed.refresh()
+        ed = self.unify_float_types(ed, res)
         # shapes become static stage by stage (a folded chunk makes the next Shape static)
         for _ in range(64):
             before = len(res.applied)
@@ -137,6 +138,7 @@ class Canonicalize(Pass):
                         self.row_major_maxpool):
             rewrite(ed, res)
             ed.refresh()
+        model = ed.model
         removed = _dead_code(model)
         if removed:
             res.apply(f"dead_code: removed {removed} nodes")
@@ -169,6 +171,24 @@ class Canonicalize(Pass):
                                       "but for the batch axis")
 
     # -- rewrites ----------------------------------------------------------
+    def unify_float_types(self, ed: _Graph, res: PassResult) -> _Graph:
+        """A model that mixes float types is explained in its input's type throughout
+        (dconnx/precision.py); Celu, defined for float32 only, is expanded in its own type first."""
+        from dconnx.precision import float_type_of, foreign_float_types, unify_float_types
+        if not foreign_float_types(ed.model, float_type_of(ed.model)):
+            return ed
+        self.expand_activation(ed, res)
+        model, retyped = unify_float_types(ed.model)
+        to = onnx.TensorProto.DataType.Name(float_type_of(model)).lower()
+        res.apply(f"unify_float_types: the graph computes in its input's type, {to}; "
+                  f"retyped {len(retyped)}: " + "; ".join(retyped[:6]) + ("; ..." if len(retyped) > 6 else ""))
+        res.notes.append(f"the model mixes float types: it is explained in {to} throughout (a Cast "
+                         "between float types is the identity on values, as its gradient is), so its "
+                         "logits can differ from the original's by the other types' rounding")
+        ed = _Graph(model)
+        ed.refresh()
+        return ed
+
     def constants_to_initializers(self, ed: _Graph, res: PassResult):
         for node in list(ed.g.node):
             if node.op_type == "Constant":
@@ -266,7 +286,7 @@ class Canonicalize(Pass):
             elif node.op_type in rewritten_by("remove_same_type_cast"):
                 to, src_type = attrs(node).get("to"), ed.view.dtypes.get(node.input[0])
                 if not ed.view.is_data(node.input[0]) or to != src_type:
-                    continue       # integer shape arithmetic, or (refused in preflight) a float change
+                    continue       # integer shape arithmetic (float types are unified first)
             elif node.op_type not in rewritten_by("remove_identity"):
                 continue
             if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and \

@@ -4,7 +4,8 @@ the supported op table, a torch builder for it, and the float64 checks.
 Drawn: Conv (kernel, stride, padding, dilation, groups, bias, weights of one sign or both),
 BatchNorm, ConvTranspose, max/avg pooling (ceil mode, padding, dilation), global max pool,
 residual (add/sub) and concat branches, constant mul/div/add, zero and reflect/edge pads,
-slices, gather-type moves, nearest/bilinear upsampling, max/min of a branch, abs, dropout;
+slices, gather-type moves, nearest/bilinear upsampling, max/min of a branch, abs, dropout,
+Casts to float64 and back;
 the activations ReLU, ReLU6, LeakyReLU, PReLU, Hardtanh and every smooth one the compiler
 converts by the curvature split: Sigmoid, Tanh, Softplus, ELU and CELU (α ≤ 1 and α > 1),
 SELU, GELU (erf form; tanh form at opset 20, where TorchScript writes the Gelu op), SiLU,
@@ -111,6 +112,12 @@ class Slice:
 @dataclass(frozen=True)
 class Dropout:
     pass
+
+
+@dataclass(frozen=True)
+class CastRoundTrip:
+    """Cast to float64 and back (exported as two Casts in a float32 net, nothing in the float64
+    twin): the converted float32 graph is the cast-free one."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +351,8 @@ def block(draw, shape):
     """One body element for `shape`; returns (layers, new shape)."""
     c, h, w = shape
     kinds = ["conv", "conv", "conv", "act", "act", "bn", "pool", "affine", "pad", "dropout",
-             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax", "move", "se", "se"]
+             "residual", "residual", "concat", "concat", "convT", "maxmin", "abs", "gmax", "move", "se", "se",
+             "cast"]
     if c >= 2:
         kinds.append("slice")
     if c % 2 == 0:
@@ -404,6 +412,8 @@ def block(draw, shape):
         return [Pad(pads)], (c, h + pads[2] + pads[3], w + pads[0] + pads[1])
     if kind == "dropout":
         return [Dropout()], shape
+    if kind == "cast":
+        return [CastRoundTrip()], shape
     if kind == "slice":
         c0 = draw(st.integers(0, c - 1))
         c1 = draw(st.integers(c0 + 1, c))
@@ -649,6 +659,8 @@ def _layers(layers, c: int):
             c = l.c1 - l.c0
         elif isinstance(l, Dropout):
             mods.append(nn.Dropout(0.5))
+        elif isinstance(l, CastRoundTrip):
+            mods.append(_Fn(lambda x: x.double().to(x.dtype)))
         elif isinstance(l, Upsample):
             ac = True if l.align else (False if l.mode == "bilinear" else None)
             if l.by_size:

@@ -225,7 +225,7 @@ CASES += [
     OpCase("elu", _conv_act(lambda: nn.ELU(0.5)), ops=("Elu",)),
     OpCase("elu_kinked", _conv_act(lambda: nn.ELU(1.5)), ops=("Elu",)),
     OpCase("selu", _conv_act(nn.SELU), ops=("Selu",)),
-    OpCase("celu", _conv_act(lambda: nn.CELU(0.5)), ops=("Elu",), extra={"float32_only": True}),
+    OpCase("celu", _conv_act(lambda: nn.CELU(0.5)), ops=("Elu",)),
     OpCase("hardsigmoid", _conv_act(nn.Hardsigmoid), ops=("HardSigmoid",)),
     OpCase("hardswish", _conv_act(nn.Hardswish), ops=("HardSwish",)),
     OpCase("gelu", _conv_act(nn.GELU), ops=("Gelu",), extra={"exporter": "dynamo"}),

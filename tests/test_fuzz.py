@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 import dconnx
 import onnx_torch
-from fuzz_models import (BN, Abs, Act, Affine, AvgPool, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, Move,
+from fuzz_models import (BN, Abs, Act, Affine, AvgPool, CastRoundTrip, Concat, Conv, ConvT, GlobalMax, Head, MaxMin, MaxPool, Move,
                          NetSpec, Pad, Residual, Upsample,
                          SE, Glu, body_mixes_pair_sums, export_exact, export_spec, graph_autograd, input_for,
                          _is_kink, _is_smooth, _leaves, _reached_before_mix, net_specs, products, reference_module, relu_only)
@@ -294,6 +294,15 @@ def test_regression_gather_type_moves():
     check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
     check(spec, dict(_OPTS, share_forward=False, stabilize="none", relu_backward="sum"), 2, 0.0,
           np.array([1, 1]))
+
+
+def test_regression_cast_round_trip():
+    """A fixed example of Casts to float64 and back between layers (the converted float32 graph
+    is the cast-free one, computed in float32 throughout)."""
+    body = (Conv(3, (3, 3), 1, 1, 1, 1, True), CastRoundTrip(), Act("relu"), MaxPool(2, 2, 0, 1, False),
+            CastRoundTrip(), Conv(2, (1, 1), 1, 0, 1, 1, True), Act("silu"))
+    spec = NetSpec((2, 6, 5), body, Head("flatten", 3), seed=7)
+    check(spec, _OPTS, 2, 0.3, np.array([0, 2]))
 
 
 def test_regression_deep_mixed_example():

@@ -78,11 +78,7 @@ def test_forward_split_reconstructs_output_float32(case, stabilize, exported):
             assert np.allclose(out["h"], np.maximum(-out["logits"], 0), atol=1e-6)
 
 
-# ONNX's Celu is defined for float32 only: a float64 export wraps it in Casts to float32 and back
-F64_CASES = [c for c in CASES if not c.extra.get("float32_only")]
-
-
-@pytest.mark.parametrize("case", F64_CASES, ids=[c.name for c in F64_CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_forward_split_float64_both_forms(case, exported):
     module, model = exported(case, np.float64)
     x = _data(case, np.float64)

@@ -50,8 +50,10 @@ def _modes(case):
     return ["wta", "dc"] if case.pool else ["wta"]
 
 
-# ONNX's Celu is defined for float32 only: a float64 export wraps it in Casts (test_smooth checks it in float32)
-F64_CASES = [c for c in CASES if not c.extra.get("float32_only")]
+# Celu converts as α·Elu(x/α) (ONNX defines Celu for float32 only), and SplitLRP applies the ε-rule at
+# the two constant Muls of that form where the reference passes relevance through the activation
+# (a difference of 1e-6 measured; its streams and sensitivities are checked in tests/test_ops.py)
+F64_CASES = [c for c in CASES if c.name != "celu"]
 # ops whose constants are float32 attributes in ONNX: LeakyRelu's slope (0.1 is 1.5e-9 off the torch
 # module's), Selu's α and γ, HardSigmoid's 1/6 — the float64 graph computes with the rounded constants
 FLOAT32_ATTRIBUTES = ("leaky_relu", "selu", "hardsigmoid")

@@ -253,19 +253,10 @@ for _op in ("Expand", "Tile", "DepthToSpace", "SpaceToDepth"):
     deflinear(_op, "shape", IndexMoveMap, **_MOVE, shape_op=_op in ("Expand", "Tile"), check=_check_move,
               doc="constant operands, batch axis kept; the adjoint scatter-adds every copy back")
 
-def _check_cast(view, node, data_in, final):
-    """A Cast of float data to its own type is removed; one that changes the float type would
-    mix precisions inside the converted graph (one float type throughout)."""
-    to, src = attrs(node).get("to"), view.dtypes.get(node.input[0])
-    if data_in and to != src:
-        return ("changes the float type inside the graph (mixed precision is not supported: "
-                "export the whole model in one float type)")
-    return None
-
-
 canonical_rewrite("Identity", "shape", "removed", "remove_identity", shape_op=True)
-canonical_rewrite("Cast", "shape", "removed where it keeps the float type of its data", "remove_same_type_cast",
-                  shape_op=True, check=_check_cast)
+canonical_rewrite("Cast", "shape", "removed between float types: the model is computed in its input's float "
+                  "type throughout", "remove_same_type_cast",
+                  shape_op=True)
 canonical_rewrite("Dropout", "shape", "removed (inference)", "remove_identity")
 canonical_rewrite("Flatten", "shape", "Reshape", "flatten_to_reshape", check=_check_flatten)
 canonical_rewrite("Constant", "shape", "folded into initializers", "constants_to_initializers",

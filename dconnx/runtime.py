@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -44,12 +45,20 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(
 # adjoint products: the copies take VGG16's session from 1.6x to 3.1x the original's peak RSS,
 # for 5-15 % of speed at batch 1 (README "Memory", benchmarks/RESULTS.md "Memory")
 PREPACKING_DEFAULT = False
+# intra-op threads of the sessions dconnx creates when the caller gives none (onnxruntime's
+# default, one per core, when unset): e.g. 1 where several processes share the cores
+THREADS_ENV = "DCONNX_THREADS"
 
 
 def session_options(threads: int | None = None, level: str = "all", quiet: bool = True,
                     memory_reuse: bool = True, prepacking: bool = PREPACKING_DEFAULT):
     import onnxruntime as ort
     so = ort.SessionOptions()
+    if not threads and os.environ.get(THREADS_ENV):
+        value = os.environ[THREADS_ENV]
+        if not value.isdigit():
+            raise OptionError(f"{THREADS_ENV}={value!r} is not a number of threads")
+        threads = int(value)
     if threads:
         so.intra_op_num_threads = int(threads)
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

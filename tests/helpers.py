@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -10,6 +11,9 @@ import onnxruntime as ort
 import torch
 
 from onnx_reference import run_reference
+
+# this process's share of the cores (tests/conftest.py: cores // pytest-xdist workers)
+THREADS = int(os.environ.get("DCONNX_THREADS") or 2)
 
 
 def export(module: torch.nn.Module, x: torch.Tensor, *, exporter: str = "torchscript",

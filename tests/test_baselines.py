@@ -40,10 +40,10 @@ from dconnx.methods import METHODS
 from dconnx.passes.optimize import prune
 from dconnx.runtime import Explainer
 import onnx_torch
-from helpers import export, rel_err, run
+from helpers import THREADS, export, rel_err, run
 from precision import to_float64
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),

@@ -29,9 +29,9 @@ import dconnx
 import zoo
 from dconnx.errors import DconnxError
 from dconnx.methods import METHODS
-from helpers import export, rel_err, run, session as _session
+from helpers import THREADS, export, rel_err, run, session as _session
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),

@@ -26,7 +26,7 @@ import torch
 import dconnx
 import onnx_torch
 import zoo
-from helpers import rel_err, run, session
+from helpers import THREADS, rel_err, run, session
 from precision import to_float64
 from regions import float32_and_same_region_float64, onnx_autograd
 from reference import dc_reference as ref
@@ -145,7 +145,7 @@ PARAMS64_SHARED = [pytest.param(*p.values, True, marks=p.marks, id=f"{p.id}-shar
 
 @pytest.mark.parametrize("arch,exporter,share_forward", PARAMS64_SHARED)
 def test_float64_heads_equal_autograd_at_alpha_half(arch, exporter, share_forward, zoo_model):
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     model64 = to_float64(onnx.load(str(zoo_model(arch, exporter))))
     converted = dconnx.convert(model64, methods=METHODS, share_forward=share_forward).model
     x = _input(arch, 1, np.float64)

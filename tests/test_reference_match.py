@@ -14,7 +14,7 @@ import torch
 import dconnx
 import onnx_torch
 import zoo
-from helpers import export, rel_err
+from helpers import THREADS, export, rel_err
 from op_cases import CASES
 from reference import dc_reference as ref
 
@@ -87,7 +87,7 @@ VGG_SIZE = 64     # float64 at 224x224 peaked at 12.6 GB; at 64 the layers are 3
 
 @pytest.fixture(scope="module")
 def vgg16():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     module = zoo.build_vgg16_small(VGG_SIZE).double()
     x = np.random.default_rng(5).standard_normal((1, 3, VGG_SIZE, VGG_SIZE))
     layers = ["input", "5", "12", "14", "26"]
@@ -126,7 +126,7 @@ def test_vgg16_matches_reference(vgg16, alpha):
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("maxpool", ["wta", "dc"])
 def test_resnet18_matches_reference(alpha, maxpool):
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     module = zoo.build("resnet18").double()
     x = np.random.default_rng(6).standard_normal((2, 3, 64, 64))
     conv = _converted(module, x, maxpool=maxpool)

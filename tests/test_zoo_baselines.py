@@ -23,10 +23,10 @@ import onnx_torch
 import zoo
 from dconnx.passes.optimize import prune
 from dconnx.precision import cast_model
-from helpers import rel_err
+from helpers import THREADS, rel_err
 from regions import float32_and_same_region_float64, onnx_autograd
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),

@@ -22,7 +22,7 @@ import torchvision
 import dconnx
 import onnx_torch
 import zoo
-from helpers import export, rel_err, run
+from helpers import THREADS, export, rel_err, run
 from precision import to_float64
 from reference import dc_reference as ref
 
@@ -85,7 +85,7 @@ class _Cache:
 
 @pytest.fixture(scope="session")
 def gated():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     cache = _Cache()
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 

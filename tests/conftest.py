@@ -39,7 +39,12 @@ def zoo_dir(tmp_path_factory) -> pathlib.Path:
         path = pathlib.Path(env).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return tmp_path_factory.mktemp("zoo")
+    # one directory for the whole run: pytest-xdist workers' base directories share a parent,
+    # and zoo.exported lets one process export each entry while the others wait for it
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "zoo-shared"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +75,19 @@ def vgg16_small_onnx() -> bytes:
                           opset_version=zoo.TORCHSCRIPT_OPSET, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
     return buf.getvalue()
+
+
+# The test files that take longest (measured with --durations, 2 workers): run first, so that
+# pytest-xdist's file-by-file scheduling does not leave one of them for the end on one worker
+# while the other worker idles.
+LONGEST_FIRST = ("test_e2e.py", "test_reference_match.py", "test_zoo.py", "test_zoo_gated.py",
+                 "test_fuzz.py", "test_segmentation_zoo.py", "test_reference_selfcheck.py",
+                 "test_cuda_coverage.py", "test_baselines.py", "test_zoo_baselines.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))    # stable: in-file order kept
 
 
 def pytest_collection_finish(session):

@@ -21,6 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchvision_ops  # noqa: E402,F401  (must precede torchvision)
 
+import filelock  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -266,17 +267,21 @@ def exported(name: str, exporter: str, cache_dir, seed: int = 0) -> pathlib.Path
     if onnx_path.is_file():
         return onnx_path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache_dir))
-    try:
-        export(build(name, seed), tmp / "model.onnx", exporter, input_size(name), seed=seed)
+    # one process exports an entry; the others (pytest-xdist workers sharing the cache) wait for it
+    with filelock.FileLock(str(cache_dir / f".{entry.name}.lock")):
+        if onnx_path.is_file():
+            return onnx_path
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache_dir))
         try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not onnx_path.is_file():  # someone else won the race with a complete entry?
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            export(build(name, seed), tmp / "model.onnx", exporter, input_size(name), seed=seed)
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                if not onnx_path.is_file():  # someone else won the race with a complete entry?
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return onnx_path
 
 

@@ -111,11 +111,14 @@ _PEAKS = peak_rss.PeakTracker()
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """Record how much each test raised the process's peak RSS (reported in the summary)."""
+    """Record how much each test raised the process's peak RSS (reported in the summary); after
+    a test of a second or more (the big ones) collect all garbage, after a short one the young
+    generations only."""
     before = peak_rss.peaks_kib()[0]
+    t0 = time.perf_counter()
     yield
     _PEAKS.record(item.nodeid, before, peak_rss.peaks_kib()[0])
-    peak_rss.release_freed_memory()
+    peak_rss.release_freed_memory(full=time.perf_counter() - t0 >= 1.0)
 
 
 _WORKER_PEAKS: dict = {}     # pytest-xdist: worker id -> (peak KiB, the tests that raised it most)

@@ -128,3 +128,17 @@ def test_cli_explain_bad_image(converted, tmp_path, capsys):
     assert main(["explain", str(path), str(bogus), "-o", str(out)]) == 2
     assert "cannot read image" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_session_threads_from_the_environment(monkeypatch):
+    """DCONNX_THREADS sets the intra-op threads where the caller gives none; a given count wins;
+    a value that is not a count is refused by name; unset, onnxruntime's default (0: one per core)."""
+    from dconnx.runtime import THREADS_ENV, session_options
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert session_options().intra_op_num_threads == 3
+    assert session_options(threads=1).intra_op_num_threads == 1
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(dconnx.OptionError, match="DCONNX_THREADS='two'"):
+        session_options()
+    monkeypatch.delenv(THREADS_ENV)
+    assert session_options().intra_op_num_threads == 0

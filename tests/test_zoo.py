@@ -94,7 +94,7 @@ def test_exported_is_cached(tmp_path):
     p2 = zoo.exported("tiny_cnn", "torchscript", tmp_path)
     assert p1 == p2 and p2.stat().st_mtime_ns == mtime
     assert zoo.exported("tiny_cnn", "torchscript", tmp_path, seed=1) != p1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temp dirs left
 
 
 def test_unknown_name_and_exporter():

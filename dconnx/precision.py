@@ -94,7 +94,8 @@ def _fixed_float32(g) -> set[str]:
     return fixed
 
 
-def _name(t: int) -> str:
+def type_name(t: int) -> str:
+    """'float16', 'float', 'double', 'bfloat16': an ONNX float type's name."""
     return TensorProto.DataType.Name(t).lower()
 
 
@@ -108,29 +109,15 @@ def foreign_float_types(model: onnx.ModelProto, to: int) -> list[str]:
         if node.op_type == "Cast" and not set(node.output) & fixed:
             t = next(a.i for a in node.attribute if a.name == "to")
             if t in FLOATS and t != to:
-                found.append(f"Cast '{node.name or node.output[0]}' to {_name(t)}")
+                found.append(f"Cast '{node.name or node.output[0]}' to {type_name(t)}")
     for t in g.initializer:
         if t.data_type in FLOATS and t.data_type != to and t.name not in fixed:
-            found.append(f"initializer '{t.name}' ({_name(t.data_type)})")
+            found.append(f"initializer '{t.name}' ({type_name(t.data_type)})")
     for vi in g.output:
         et = vi.type.tensor_type.elem_type
         if et in FLOATS and et != to:
-            found.append(f"output '{vi.name}' ({_name(et)})")
+            found.append(f"output '{vi.name}' ({type_name(et)})")
     return found
-
-
-def unify_float_types(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """A model that mixes float types (a float16 body between float32 inputs and outputs, a
-    float64 head, a round trip through another type) computed in its data input's float type
-    throughout: each Cast between float types becomes one to that type (then removed as the
-    identity it is on values: its gradient is the identity too), other-typed initializers are
-    converted, float outputs declared in that type. Returns the model (unchanged when nothing
-    differs) and what was retyped."""
-    to = float_type_of(model)
-    found = foreign_float_types(model, to)
-    if not found:
-        return model, []
-    return cast_model(model, to), found
 
 
 def _float32_islands(nodes, to):

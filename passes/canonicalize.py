@@ -172,20 +172,25 @@ class Canonicalize(Pass):
 
     # -- rewrites ----------------------------------------------------------
     def unify_float_types(self, ed: _Graph, res: PassResult) -> _Graph:
-        """A model that mixes float types is explained in its input's type throughout
-        (dconnx/precision.py); Celu, defined for float32 only, is expanded in its own type first."""
-        from dconnx.precision import float_type_of, foreign_float_types, unify_float_types
-        if not foreign_float_types(ed.model, float_type_of(ed.model)):
+        """A model that mixes float types (a float16 body between float32 inputs and outputs, a
+        float64 head, a round trip through another type) is explained in its data input's float
+        type throughout: each Cast between float types becomes one to that type (then removed as
+        the identity it is on values: its gradient is the identity too), other-typed initializers
+        are converted, float outputs declared in that type (dconnx/precision.py). Celu, defined
+        for float32 only, is expanded in its own type first."""
+        from dconnx.precision import cast_model, float_type_of, foreign_float_types, type_name
+        to_type = float_type_of(ed.model)
+        retyped = foreign_float_types(ed.model, to_type)
+        if not retyped:
             return ed
         self.expand_activation(ed, res)
-        model, retyped = unify_float_types(ed.model)
-        to = onnx.TensorProto.DataType.Name(float_type_of(model)).lower()
+        to = type_name(to_type)
         res.apply(f"unify_float_types: the graph computes in its input's type, {to}; "
                   f"retyped {len(retyped)}: " + "; ".join(retyped[:6]) + ("; ..." if len(retyped) > 6 else ""))
         res.notes.append(f"the model mixes float types: it is explained in {to} throughout (a Cast "
                          "between float types is the identity on values, as its gradient is), so its "
                          "logits can differ from the original's by the other types' rounding")
-        ed = _Graph(model)
+        ed = _Graph(cast_model(ed.model, to_type))
         ed.refresh()
         return ed
 

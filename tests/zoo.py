@@ -274,11 +274,7 @@ def exported(name: str, exporter: str, cache_dir, seed: int = 0) -> pathlib.Path
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache_dir))
         try:
             export(build(name, seed), tmp / "model.onnx", exporter, input_size(name), seed=seed)
-            try:
-                os.rename(tmp, entry)
-            except OSError:
-                if not onnx_path.is_file():  # someone else won the race with a complete entry?
-                    raise
+            os.rename(tmp, entry)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

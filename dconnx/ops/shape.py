@@ -255,8 +255,7 @@ for _op in ("Expand", "Tile", "DepthToSpace", "SpaceToDepth"):
 
 canonical_rewrite("Identity", "shape", "removed", "remove_identity", shape_op=True)
 canonical_rewrite("Cast", "shape", "removed between float types: the model is computed in its input's float "
-                  "type throughout", "remove_same_type_cast",
-                  shape_op=True)
+                  "type throughout", "remove_same_type_cast", shape_op=True)
 canonical_rewrite("Dropout", "shape", "removed (inference)", "remove_identity")
 canonical_rewrite("Flatten", "shape", "Reshape", "flatten_to_reshape", check=_check_flatten)
 canonical_rewrite("Constant", "shape", "folded into initializers", "constants_to_initializers",

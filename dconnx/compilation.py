@@ -151,6 +151,7 @@ class Compilation:
             yield
         finally:
             self.fold_signed_parts -= 1
+
     def __post_init__(self):
         self.refresh()
 

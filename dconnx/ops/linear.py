@@ -100,8 +100,9 @@ class ConvMap(ConvFamilyMap):
         flipped kernel: faster in onnxruntime for every stride-1 shape measured (0.2-0.8x for
         depthwise and grouped, 0.5x for dense 3x3; benchmarks/RESULTS.md), but its flipped copies
         stay in the session beside the forward kernels. So the flipped form where every variant
-        is precomputed or the adjoint kernels are ("adjoints"), and for grouped convolutions (depthwise ones above all), whose kernels
-        are small, also where the session holds only W and |W|. Strided ones keep ConvTranspose
+        is precomputed or the adjoint kernels are ("adjoints"), and for grouped convolutions
+        (depthwise ones above all), whose kernels are small, also where the session holds only W
+        and |W|. Strided ones keep ConvTranspose
         (for depthwise ones a polyphase Conv + DepthToSpace or zero insertion + Conv measured
         2-20x slower: onnxruntime's DepthToSpace and Pad dominate)."""
         b = self.b

@@ -9,11 +9,13 @@ ratio to the original's median measured side by side.
 
     .venv/bin/python benchmarks/forward_ratio.py [--models efficientnet_b0,mobilenet_v3_large]
         [--batches 1,8] [--rounds 7] [--threads 2] [--out DIR] [--baseline REV] [--only-splitgrad] [--profile]
-        [--weight-variants precomputed,…]
+        [--weight-variants precomputed,…] [--baselines gradient,guidedbp,lrp_epsilon]
 
 `--baseline REV[,REV…]` adds "splitgrad @REV" per revision: the same model converted by the
 dconnx of that git revision (exported with `git archive` into a temporary folder, converted in
 a subprocess), timed in the same interleaved rounds, so before/after ratios come from one run.
+`--baselines M[,M…]` adds those methods converted alone (the gradient, Guided BP, LRP-ε, …: the
+targets put them at ≤ 2.5× the forward).
 
 Prints a markdown table and writes DIR/forward_ratio.json (default benchmarks/out/).
 """
@@ -91,7 +93,7 @@ def convert_with(tree: Path, src: Path, dst: Path) -> onnx.ModelProto:
 
 
 def measure(name: str, batches, rounds: int, threads: int, cache: Path, baseline=None,
-            heads: bool = True, profile: bool = False, weight_variants=()) -> list[dict]:
+            heads: bool = True, profile: bool = False, weight_variants=(), baselines=()) -> list[dict]:
     path = cache / f"{name}-224.onnx"
     if not path.exists():
         onnx.save(export(build(name), torch.zeros(1, 3, 224, 224)), path)
@@ -103,6 +105,8 @@ def measure(name: str, batches, rounds: int, threads: int, cache: Path, baseline
     for layout in weight_variants:
         cands[f"splitgrad, weight_variants={layout}"] = dconnx.convert(
             model, methods="splitgrad", weight_variants=layout).model
+    for method in baselines:
+        cands[method] = dconnx.convert(model, methods=method).model
     if heads:
         cands["all three heads"] = dconnx.convert(model, methods=("splitgrad", "splitcam", "splitlrp"),
                                                   layer=first_relu_layer(model)).model
@@ -172,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only-splitgrad", action="store_true", help="leave out the all-three-heads model")
     ap.add_argument("--profile", action="store_true", help="after each batch, SplitGrad's per-op kernel times")
     ap.add_argument("--weight-variants", default="", help="also time SplitGrad with these weight_variants layouts")
+    ap.add_argument("--baselines", default="", help="also time these methods, each converted alone")
     args = ap.parse_args(argv)
     baseline = [(rev, baseline_tree(rev)) for rev in args.baseline.split(",")] if args.baseline else None
     torch.set_num_threads(args.threads)
@@ -185,7 +190,8 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         rows += measure(name, [int(b) for b in args.batches.split(",")], args.rounds, args.threads, out / "zoo",
                         baseline, heads=not args.only_splitgrad, profile=args.profile,
-                        weight_variants=[v for v in args.weight_variants.split(",") if v])
+                        weight_variants=[v for v in args.weight_variants.split(",") if v],
+                        baselines=[m for m in args.baselines.split(",") if m])
     (out / "forward_ratio.json").write_text(json.dumps(rows, indent=1))
     return 0
 

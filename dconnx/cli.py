@@ -57,8 +57,8 @@ def _add_convert(sub):
                         "the flipped kernels of stride-1 convolutions' adjoints (faster, two more "
                         "copies of those kernels); 'per-run' recomputes |W| "
                         "on every run (least memory, slower); 'precomputed' folds every variant "
-                        "(fastest, most memory); 'auto' (default): 'adjoints' for splitgrad and splitcam "
-                        "alone, else 'session'. README.md#memory")
+                        "(fastest, most memory); 'auto' (default): 'session' when splitlrp, "
+                        "lrp_gamma or lrp_zplus is among the methods, else 'adjoints'. README.md#memory")
     p.add_argument("--channel-axis", type=int, default=None,
                    help="channel axis of the input (default: detected, 1 for NCHW, 3 for NHWC)")
     p.add_argument("--mean", default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "

@@ -13,11 +13,13 @@ from .graph import ModelView
 from .ir import ONNX_TO_NP, GraphBuilder
 
 # weight_variants="auto" folds the adjoint kernels ("adjoints") when the heads are among these, whose
-# products are the two transposed ones of SPEC §2, and holds W and |W| only ("session") otherwise:
+# transposed products are Wᵀ and |W|ᵀ only, and holds W and |W| only ("session") otherwise:
 # measured on ResNet50 (benchmarks/RESULTS.md), the flipped kernels keep SplitGrad's session
-# within 2x the original's memory (1.87x) and make it 1.2-1.4x faster; with SplitLRP's products
+# within 2x the original's memory (1.87x) and make it 1.2-1.4x faster (the gradient baselines,
+# LRP-epsilon, DeepLIFT and IG: 1.1-1.2x, with one flipped copy of W); with SplitLRP's products
 # beside them they would take all three heads to 2.76x.
-ADJOINT_HEADS = frozenset({"splitgrad", "splitcam"})
+ADJOINT_HEADS = frozenset({"splitgrad", "splitcam", "gradient", "gradxinput", "guidedbp", "gradcam", "layercam",
+                           "lrp_epsilon", "deeplift", "deeplift_captum", "ig"})
 
 
 @dataclass

@@ -70,12 +70,12 @@ class LRPRules(RuleSet):
 
     # -- helpers -------------------------------------------------------------
     def _stab(self, z: str, eps: float) -> str:
-        """Zennit's stabilize: z + ε·sign(z) with sign(0) = +1."""
+        """Zennit's stabilize: z + ε·sign(z) with sign(0) = +1, as z + (z ≥ 0 ? ε : −ε): three passes
+        over z instead of Where(z ≥ 0, z + ε, z − ε)'s four, the same numbers (z − ε = z + (−ε))."""
         def make():
             b = self.b
-            e = b.scalar(eps)
             nonneg = b.op("GreaterOrEqual", [z, b.scalar(0.0)], hint=f"{z}::sign")
-            return self.comp.where(nonneg, b.add(z, e), b.sub(z, e))
+            return b.add(z, self.comp.where(nonneg, b.scalar(eps), b.scalar(-eps)))
         return self.comp.cached(("lrp_stab", z, eps), make)
 
     def _plus(self, a, c):

@@ -217,10 +217,18 @@ def check(spec, opts, batch, alpha, target, ties=False):
     check_float32(spec, opts, batch, model32)
 
 
+# the examples checked so far (their reprs are exact): hypothesis draws a few of them again from
+# other choices (measured: 12 of the 200 CI examples), and `check` is deterministic
+_CHECKED: set[str] = set()
+
+
 @FUZZ
 @given(conversions())
 def test_random_relu_cnns(case):
-    check(*case)
+    key = repr(case)
+    if key not in _CHECKED:
+        check(*case)
+        _CHECKED.add(key)
 
 
 # ----------------------------------------------------------------------------- regressions

@@ -38,12 +38,24 @@ CASES = [(a, e, m) for a, e in (("resnet18", "torchscript"), ("resnet18", "dynam
 CASES += [("vgg16_small", "torchscript", m) for m in ("splitgrad", "splitgrad,splitcam,splitlrp")]
 
 
+@pytest.fixture(scope="module")
+def convs():
+    """(arch, exporter, source) -> the Conv count of its canonical forward with g and h
+    (methods=(): one Conv per Conv), converted once per model for every method set."""
+    cache = {}
+
+    def get(arch, exporter, path):
+        if (arch, exporter) not in cache:
+            cache[(arch, exporter)], _ = _products(dconnx.convert(path, methods=()).model)
+        return cache[(arch, exporter)]
+    return get
+
+
 @pytest.mark.parametrize("arch,exporter,methods", CASES)
-def test_products_per_conv(arch, exporter, methods, zoo_model, request):
+def test_products_per_conv(arch, exporter, methods, zoo_model, convs, request):
     path = (request.getfixturevalue("vgg16_small_onnx") if arch == "vgg16_small"
             else zoo_model(arch, exporter))
-    original = dconnx.convert(path, methods=()).model   # canonical forward + g, h: one Conv per Conv
-    n_conv, _ = _products(original)
+    n_conv = convs(arch, exporter, path)
     converted = dconnx.convert(path, methods=methods).model
     n, counts = _products(converted)
     assert n == PER_CONV[methods] * n_conv + INPUT_LAYER_EXTRA.get(methods, 0), (n, n_conv, counts)

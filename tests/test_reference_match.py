@@ -7,6 +7,8 @@ Both sides run in float64 (the converted graph with tests/onnx_torch.py), so the
 tolerances are tight. Sensitivities are compared relative to their own largest value:
 at α = 0 they grow to ~1e18 in deep nets, and only their difference, the gradient, is small.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,7 @@ ALPHAS = (0.0, 0.35, 0.4, 0.5)
 TIGHT = 1e-9
 
 
-def _converted(module, x, layer=None, expose=("input",), exporter="torchscript", **opts):
-    model = export(module, torch.tensor(x), exporter=exporter)
+def _converted(model, layer=None, expose=("input",), **opts):
     return dconnx.convert(model, methods="splitgrad,splitcam,splitlrp", layer=layer, expose=list(expose),
                           **opts).model
 
@@ -59,22 +60,37 @@ F64_CASES = [c for c in CASES if c.name != "celu"]
 FLOAT32_ATTRIBUTES = ("leaky_relu", "selu", "hardsigmoid")
 
 
+@pytest.fixture(scope="module")
+def op_models():
+    """case -> (float64 module, input, its export, its canonical graph), made once per case: the
+    export and the reference's graph do not depend on the options a test converts with."""
+    cache = {}
+
+    def get(case):
+        if case.name not in cache:
+            module = case.module().double()
+            x = np.random.default_rng(3).standard_normal(case.shape)
+            model = export(module, torch.tensor(x), exporter=case.extra.get("exporter", "torchscript"))
+            cache[case.name] = (module, x, model, ref.canonicalize(module, torch.tensor(x)))
+        return cache[case.name]
+    return get
+
+
 @pytest.mark.parametrize("case", F64_CASES, ids=[c.name for c in F64_CASES])
 @pytest.mark.parametrize("stabilize", ["recenter", "none"])
-def test_op_table_matches_reference(case, stabilize):
+def test_op_table_matches_reference(case, stabilize, op_models):
     tol = 1e-7 if case.name in FLOAT32_ATTRIBUTES else TIGHT
     # relu(a − b) of two data branches: the ε-rule (ε = 1e-6) divides by stream sums near 0 there,
     # which amplifies float64 rounding of the relevance (measured up to 1.7e-9)
     tol_relevance = 1e-8 if case.name in ("max_two_data", "min_two_data", "reduce_min_h") else tol
-    module = case.module().double()
-    x = np.random.default_rng(3).standard_normal(case.shape)
+    module, x, model, graph = op_models(case)
     for maxpool in _modes(case):
         for mode in ("standard", "sum", "mask_diff"):
-            conv = _converted(module, x, stabilize=stabilize, maxpool=maxpool, relu_backward=mode,
-                              share_forward=False, exporter=case.extra.get("exporter", "torchscript"))
+            conv = _converted(model, stabilize=stabilize, maxpool=maxpool, relu_backward=mode,
+                              share_forward=False)
             out = onnx_torch.run(conv, {"input": x, "alpha": np.array(0.35)})
             res = ref.run(module, torch.tensor(x), alpha=0.35, stabilize=stabilize, maxpool=maxpool,
-                          relu_backward=mode, layers=["input"])
+                          relu_backward=mode, layers=["input"], graph=graph)
             assert rel_err(out["g"], res.g.numpy()) < tol
             assert rel_err(out["h"], res.h.numpy()) < tol
             _check(out, res, "input", "input", tol, tol_relevance)
@@ -82,7 +98,9 @@ def test_op_table_matches_reference(case, stabilize):
                 _check_heads(out, res, "input", x.shape[2:], tol_relevance)
 
 
-VGG_SIZE = 64     # float64 at 224x224 peaked at 12.6 GB; at 64 the layers are 32, 16, 16 and 4 pixels
+# float64 at 224x224 peaked at 12.6 GB; at 32 the layers are 16, 8, 8 and 2 pixels (every max pool
+# still halves its input: the last one leaves 1 pixel)
+VGG_SIZE = 32
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +109,7 @@ def vgg16():
     module = zoo.build_vgg16_small(VGG_SIZE).double()
     x = np.random.default_rng(5).standard_normal((1, 3, VGG_SIZE, VGG_SIZE))
     layers = ["input", "5", "12", "14", "26"]
-    conv = _converted(module, x, layer=26, expose=layers)
+    conv = _converted(export(module, torch.tensor(x)), layer=26, expose=layers)
     graph = ref.canonicalize(module, torch.tensor(x), True)
     return module, x, conv, graph, layers
 
@@ -123,17 +141,41 @@ def test_vgg16_matches_reference(vgg16, alpha):
             assert rel_err(out[f"{prefix}::Rp"], rgp - rhp) < TIGHT
 
 
-@pytest.mark.parametrize("alpha", ALPHAS)
-@pytest.mark.parametrize("maxpool", ["wta", "dc"])
-def test_resnet18_matches_reference(alpha, maxpool):
+@pytest.fixture(scope="module")
+def resnet18():
+    """ResNet18 in float64, its input, target and canonical graph, and per max-pool mode its
+    conversion and the reference at α = 0.5 (made once: α is an input of the converted graph, and
+    SplitLRP, which the reference computes at α = 0.5 only, does not depend on it)."""
     torch.set_num_threads(THREADS)
     module = zoo.build("resnet18").double()
     x = np.random.default_rng(6).standard_normal((2, 3, 64, 64))
-    conv = _converted(module, x, maxpool=maxpool)
     target = np.array([3, 500])
+    model = export(module, torch.tensor(x))
+    graph = ref.canonicalize(module, torch.tensor(x))
+    modes = {}
+
+    def per_mode(maxpool):
+        if maxpool not in modes:
+            modes.clear()       # the tests run one max-pool mode after the other
+            modes[maxpool] = (_converted(model, maxpool=maxpool),
+                              ref.run(module, torch.tensor(x), target=torch.tensor(target), alpha=0.5,
+                                      maxpool=maxpool, layers=["input"], graph=graph))
+        return modes[maxpool]
+    return module, x, target, graph, per_mode
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("maxpool", ["wta", "dc"])
+def test_resnet18_matches_reference(alpha, maxpool, resnet18):
+    module, x, target, graph, per_mode = resnet18
+    conv, half = per_mode(maxpool)
     out = onnx_torch.run(conv, {"input": x, "alpha": np.array(alpha), "target": target})
-    res = ref.run(module, torch.tensor(x), target=torch.tensor(target), alpha=alpha, maxpool=maxpool,
-                  layers=["input"])
+    res = half
+    if alpha != 0.5:
+        # SplitLRP does not depend on α: its reference is the α = 0.5 run's
+        res = dataclasses.replace(ref.run(module, torch.tensor(x), target=torch.tensor(target), alpha=alpha,
+                                          maxpool=maxpool, layers=["input"], graph=graph, lrp=False),
+                                  relevance=half.relevance, lrp_sums=half.lrp_sums)
     assert rel_err(out["g"], res.g.numpy()) < TIGHT and rel_err(out["h"], res.h.numpy()) < TIGHT
     _check(out, res, "input", "input")
     _check_heads(out, res, "input", (64, 64))

@@ -4,8 +4,7 @@ The generated graph is emitted eagerly by the rules (every stream, every
 weight variant); this pass keeps only the nodes and initializers that reach
 an output, folds the α-shift's scalar factors into the products
 (scalar_factors.py), turns masked cotangents into products (mask_products.py), puts
-ReLU6 blocks whose pieces only feed masks back into one Clip (clip_band.py), folds a
-map's channel sum into its last products' kernels (channel_sum.py), records the conversion in the model's metadata, and sets the
+ReLU6 blocks whose pieces only feed masks back into one Clip (clip_band.py), records the conversion in the model's metadata, and sets the
 opset and IR version the pinned onnxruntime accepts.
 """
 from __future__ import annotations
@@ -17,7 +16,6 @@ import onnx
 from dconnx.io import MAX_IR_VERSION, validate
 
 from . import Pass, PassResult, contracts_enabled
-from .channel_sum import fold_channel_sums
 from .clip_band import clip_band_masks
 from .mask_products import where_to_mul
 from .scalar_factors import fold_scalar_factors
@@ -131,9 +129,6 @@ class Optimize(Pass):
         if bands:
             prune(model, keep)
             res.apply(f"clip bands: {bands} ReLU6-form blocks back to Clip, with one band mask per cotangent")
-        summed = fold_channel_sums(model)
-        if summed:
-            res.apply(f"channel sums: {summed} products of a map's last layer write its channel sum")
         for k, v in metadata(comp).items():
             model.metadata_props.add(key=k, value=v)
         if comp.opts.precision == "float16":

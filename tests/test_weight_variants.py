@@ -53,12 +53,9 @@ def test_splitgrad_holds_w_and_abs_w_only(arch, zoo_model, request):
     model = dconnx.convert(path, methods="splitgrad", weight_variants="session").model
     folded = folded_weight_tensors(model)
     layers = sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm") and not n.name.startswith("dc/"))
-    # the image's map sums the first layer's two adjoints over the image channels
-    # (passes/channel_sum.py): that layer reads Σ_c |W| and Σ_c W, each the size of one channel's kernel
-    assert set(folded) == {"Abs", "ReduceSum<-Abs", "ReduceSum"}, folded
-    assert folded["ReduceSum<-Abs"] == folded["ReduceSum"] == 1, folded
-    # each other |W| read by its adjoint product (and nothing else)
-    assert folded["Abs"] + folded["ReduceSum<-Abs"] == layers, (folded, layers)
+    assert set(folded) == {"Abs"}, folded
+    # each |W| read by its adjoint product (and nothing else)
+    assert folded["Abs"] == layers, (folded, layers)
 
 
 def test_auto_layout_folds_adjoint_kernels_for_splitgrad_only(zoo_model):

@@ -15,7 +15,3 @@ SCALAR_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt"
 WEIGHT_PRODUCTS = {"Conv": 3, "ConvTranspose": 3, "MatMul": 2, "Gemm": 3}
 # the two-operand sums the rules emit
 SUMS = frozenset({"Sum", "Add"})
-# sums and differences of two or more tensors: linear in every operand
-LINEAR_COMBINATIONS = SUMS | {"Sub"}
-# the products whose kernel's output channels are the result's axis 1, by that kernel axis
-KERNEL_OUT_AXIS = {"Conv": 0, "ConvTranspose": 1}

@@ -70,9 +70,12 @@ def _float_masks(uses: _Uses, relu_out: str, block: onnx.NodeProto, zeros: dict)
 def _pairs(uses: _Uses, casts1, casts2):
     """Sub(Mul(G, f₁), Mul(G, f₂)) for every Mul of the float masks, or None when one is unpaired."""
     f2 = {c.output[0] for c in casts2}
-    muls2 = [m for c in casts2 for m in (uses.only(c.output[0], "Mul") or [None])]
-    if any(m is None for m in muls2):
-        return None
+    muls2 = []
+    for c in casts2:
+        muls = uses.only(c.output[0], "Mul")
+        if not muls:
+            return None
+        muls2 += muls
     pairs, seen = [], set()
     for c in casts1:
         muls = uses.only(c.output[0], "Mul")
@@ -84,9 +87,11 @@ def _pairs(uses: _Uses, casts1, casts2):
             if not subs or len(subs) != 1 or subs[0].input[0] != a1.output[0]:
                 return None
             a2 = uses.producer.get(subs[0].input[1])
-            if a2 is None or a2.op_type != "Mul" or id(a2) in seen \
-                    or sorted(a2.input, key=lambda t: t in f2) != [cot, next(iter(set(a2.input) & f2), "")] \
-                    or len(uses.consumers.get(a2.output[0], [])) != 1 or a2.output[0] in uses.outputs:
+            if a2 is None or a2.op_type != "Mul" or id(a2) in seen or cot not in a2.input:
+                return None
+            mask2 = [i for i in a2.input if i != cot]
+            if len(mask2) != 1 or mask2[0] not in f2 or len(uses.consumers.get(a2.output[0], [])) != 1 \
+                    or a2.output[0] in uses.outputs:
                 return None
             seen.add(id(a2))
             pairs.append((subs[0], cot))

@@ -4,8 +4,9 @@ The generated graph is emitted eagerly by the rules (every stream, every
 weight variant); this pass keeps only the nodes and initializers that reach
 an output, folds the α-shift's scalar factors into the products
 (scalar_factors.py), turns masked cotangents into products (mask_products.py), puts
-ReLU6 blocks whose pieces only feed masks back into one Clip (clip_band.py), records the conversion in the model's metadata, and sets the
-opset and IR version the pinned onnxruntime accepts.
+ReLU6 blocks whose pieces only feed masks back into one Clip (clip_band.py), records the
+conversion in the model's metadata, and sets the opset and IR version the pinned
+onnxruntime accepts.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def test_splitgrad_holds_w_and_abs_w_only(arch, zoo_model, request):
     assert folded["Abs"] == layers, (folded, layers)
 
 
-def test_auto_layout_folds_adjoint_kernels_for_splitgrad_only(zoo_model):
+def test_auto_layout_folds_adjoint_kernels_for_splitgrad(zoo_model):
     """The default ("auto"): SplitGrad alone holds W, |W| and the flipped kernels of the stride-1
     convolutions' adjoints (each adjoint a Conv), recorded as "adjoints"; no W⁺, W⁻."""
     model = dconnx.convert(zoo_model("resnet18", "torchscript"), methods="splitgrad").model
@@ -67,9 +67,50 @@ def test_auto_layout_folds_adjoint_kernels_for_splitgrad_only(zoo_model):
     folded = folded_weight_tensors(model)
     assert {"Slice<-Transpose", "Abs<-Slice<-Transpose"} <= set(folded), folded
     assert not any(k.startswith("Relu") for k in folded), folded
-    stride1 = sum(1 for n in model.graph.node if n.op_type == "Conv" and not n.name.startswith("dc/")
-                  and all(a.name != "strides" or set(a.ints) == {1} for a in n.attribute))
+    stride1 = _stride1_convs(model)
     assert folded["Slice<-Transpose"] + folded["Abs<-Slice<-Transpose"] == 2 * stride1, (folded, stride1)
+
+
+def _stride1_convs(model) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == "Conv" and not n.name.startswith("dc/")
+               and all(a.name != "strides" or set(a.ints) == {1} for a in n.attribute))
+
+
+@pytest.mark.parametrize("methods", ["gradient", "guidedbp", "lrp_epsilon", "deeplift", "ig"])
+def test_auto_layout_of_the_baselines_holds_one_flipped_w(methods, zoo_model):
+    """The gradient baselines, LRP-epsilon, DeepLIFT and IG transpose W alone: "auto" gives them
+    the flipped adjoint kernels too, one copy of W per stride-1 convolution and nothing else
+    derived from a weight (no |W|, W⁺, W⁻)."""
+    model = dconnx.convert(zoo_model("resnet18", "torchscript"), methods=methods).model
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["dconnx.options"])["weight_variants"] == "adjoints"
+    folded = folded_weight_tensors(model)
+    assert set(folded) == {"Slice<-Transpose"}, folded
+    assert folded["Slice<-Transpose"] == _stride1_convs(model), folded
+
+
+@pytest.mark.parametrize("methods", ["gradient,splitlrp", "lrp_gamma", "lrp_zplus"])
+def test_auto_layout_is_session_beside_signed_products(methods, zoo_model):
+    """With a head that needs W⁺ᵀ/W⁻ᵀ products (SplitLRP, LRP-gamma, LRP-z+), "auto" is "session":
+    no flipped kernels folded, whatever else is converted with it."""
+    model = dconnx.convert(zoo_model("resnet18", "torchscript"), methods=methods).model
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["dconnx.options"])["weight_variants"] == "session"
+    folded = folded_weight_tensors(model)
+    assert not any("Transpose" in k for k in folded), folded
+
+
+@pytest.mark.parametrize("method", ["gradient", "lrp_epsilon", "deeplift"])
+def test_baseline_layouts_compute_the_same_maps(method):
+    """A baseline's maps with the flipped kernels ("auto") equal the session layout's to
+    float32 rounding."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    out = {mode: Explainer(dconnx.convert(FIXTURE, methods=method, weight_variants=mode).model,
+                           providers=["CPUExecutionProvider"])(x, target=[1, 3])[method]
+           for mode in ("auto", "session")}
+    scale = np.abs(out["session"]).max()
+    assert scale > 0
+    np.testing.assert_allclose(out["auto"], out["session"], rtol=0, atol=1e-5 * scale)
 
 
 def test_all_three_heads_hold_no_signed_parts(zoo_model):

@@ -24,21 +24,43 @@ def _dims(type_proto: onnx.TypeProto):
     return out
 
 
-class ModelView:
-    """Indexes of one model's main graph. Build a new view after editing the model."""
+class GraphUses:
+    """Who writes and who reads each tensor of one graph (build anew after editing it).
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.graph = model.graph
+    `consumers[t]` lists a node once per input slot that reads t; `reads(t)` counts a graph
+    output as two more reads, so that a rewrite looking for "read once" never folds one away."""
+
+    def __init__(self, g: onnx.GraphProto):
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
+        for node in g.node:
             for o in node.output:
                 if o:
                     self.producer[o] = node
             for i in node.input:
                 if i:
                     self.consumers.setdefault(i, []).append(node)
+        self.outputs = {o.name for o in g.output}
+
+    def reads(self, t: str) -> int:
+        return len(self.consumers.get(t, ())) + (2 if t in self.outputs else 0)
+
+    def only(self, t: str, op: str) -> list[onnx.NodeProto] | None:
+        """The consumers of t when all are `op` and t is no graph output."""
+        users = self.consumers.get(t, [])
+        if t in self.outputs or not all(u.op_type == op for u in users):
+            return None
+        return users
+
+
+class ModelView:
+    """Indexes of one model's main graph. Build a new view after editing the model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        uses = GraphUses(self.graph)
+        self.producer, self.consumers = uses.producer, uses.consumers
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.shapes: dict[str, list | None] = {}
         self.dtypes: dict[str, int] = {}

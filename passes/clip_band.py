@@ -21,38 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .mask_products import _zero_scalars
+from dconnx.graph import GraphUses
 
-
-def _positive_scalar(g_inits: dict, name: str) -> float | None:
-    t = g_inits.get(name)
-    if t is None or len(t.dims) != 0:
-        return None
-    v = float(numpy_helper.to_array(t))
-    return v if np.isfinite(v) and v > 0 else None
+from .mask_products import _float_scalars
 
 
-class _Uses:
-    def __init__(self, g: onnx.GraphProto):
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in g.output}
-
-    def only(self, t: str, op: str) -> list[onnx.NodeProto] | None:
-        """The consumers of t when all are `op` and t is no graph output."""
-        users = self.consumers.get(t, [])
-        if t in self.outputs or not all(u.op_type == op for u in users):
-            return None
-        return users
-
-
-def _float_masks(uses: _Uses, relu_out: str, block: onnx.NodeProto, zeros: dict):
+def _float_masks(uses: GraphUses, relu_out: str, block: onnx.NodeProto, zeros: dict):
     """The Casts of Greater(relu_out, 0) when those are relu_out's only other uses."""
     others = [u for u in uses.consumers.get(relu_out, []) if u is not block]
     if relu_out in uses.outputs or not all(u.op_type == "Greater" and u.input[0] == relu_out
@@ -67,7 +43,7 @@ def _float_masks(uses: _Uses, relu_out: str, block: onnx.NodeProto, zeros: dict)
     return others, casts
 
 
-def _pairs(uses: _Uses, casts1, casts2):
+def _pairs(uses: GraphUses, casts1, casts2):
     """Sub(Mul(G, f₁), Mul(G, f₂)) for every Mul of the float masks, or None when one is unpaired."""
     f2 = {c.output[0] for c in casts2}
     muls2 = []
@@ -103,12 +79,12 @@ def _pairs(uses: _Uses, casts1, casts2):
 def clip_band_masks(model: onnx.ModelProto) -> int:
     """Rewrite every ReLU6-form block whose pieces only feed masked cotangent pairs; returns how many."""
     g = model.graph
-    zeros = _zero_scalars(g)
+    scalars = _float_scalars(g)
+    zeros = {name: dtype for name, (v, dtype) in scalars.items() if v == 0.0}
     if not zeros:
         return 0
-    inits = {t.name: t for t in g.initializer}
-    uses = _Uses(g)
-    taken = {o for n in g.node for o in n.output} | set(inits) | {v.name for v in g.input}
+    uses = GraphUses(g)
+    taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {v.name for v in g.input}
     position = {id(n): k for k, n in enumerate(g.node)}
     before: dict[int, list[onnx.NodeProto]] = {}
     replace: dict[int, onnx.NodeProto] = {}
@@ -124,10 +100,10 @@ def clip_band_masks(model: onnx.ModelProto) -> int:
         if shift is None or shift.op_type != "Sub" or shift.input[0] != x \
                 or uses.consumers.get(shift.output[0]) != [r2] or shift.output[0] in uses.outputs:
             continue
-        c = _positive_scalar(inits, shift.input[1])
+        c = scalars.get(shift.input[1], (np.nan,))[0]
         m1 = _float_masks(uses, r1.output[0], block, zeros)
         m2 = _float_masks(uses, r2.output[0], block, zeros)
-        if c is None or m1 is None or m2 is None or not m1[1] or len({z for gt in m1[0] + m2[0]
+        if not c > 0 or not np.isfinite(c) or m1 is None or m2 is None or not m1[1] or len({z for gt in m1[0] + m2[0]
                                                                         for z in gt.input[1:]}) != 1:
             continue
         pairs = _pairs(uses, m1[1], m2[1])

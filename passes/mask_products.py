@@ -17,18 +17,20 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
+from dconnx.graph import GraphUses
 from dconnx.ops.emitted import FINITE_PRESERVING, SUMS, VALUE_MOVES
+
+
+def _float_scalars(g: onnx.GraphProto) -> dict[str, tuple[float, int]]:
+    """Rank-0 float initializers → (value, element type)."""
+    return {t.name: (float(numpy_helper.to_array(t)), t.data_type) for t in g.initializer
+            if len(t.dims) == 0 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                                    onnx.TensorProto.FLOAT16)}
 
 
 def _zero_scalars(g: onnx.GraphProto) -> dict[str, int]:
     """Rank-0 float initializers equal to 0 → their element type."""
-    out = {}
-    for t in g.initializer:
-        if len(t.dims) == 0 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                                onnx.TensorProto.FLOAT16):
-            if float(numpy_helper.to_array(t)) == 0.0:
-                out[t.name] = t.data_type
-    return out
+    return {name: dtype for name, (v, dtype) in _float_scalars(g).items() if v == 0.0}
 
 
 def _finite_source(t: str, producer: dict) -> bool:
@@ -47,7 +49,7 @@ def _finite_source(t: str, producer: dict) -> bool:
 def where_to_mul(model: onnx.ModelProto) -> int:
     g = model.graph
     zeros = _zero_scalars(g)
-    producer = {o: n for n in g.node for o in n.output if o}
+    producer = GraphUses(g).producer
     if not zeros:
         return 0
     outputs = {o.name for o in g.output}
@@ -79,23 +81,18 @@ def where_to_mul(model: onnx.ModelProto) -> int:
 
 def _sub_negated(g: onnx.GraphProto) -> int:
     """Sum(x, Mul(Neg(d), m)) → Sub(x, Mul(d, m)), each intermediate read once."""
-    producer = {o: n for n in g.node for o in n.output if o}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    for o in g.output:
-        uses[o.name] = uses.get(o.name, 0) + 2
+    uses = GraphUses(g)
+    producer = uses.producer
     done, used = 0, set()
     for n in g.node:
         if n.op_type not in SUMS or len(n.input) != 2 or n.input[0] == n.input[1]:
             continue
         for k in (1, 0):
             mul = producer.get(n.input[k])
-            if mul is None or mul.op_type != "Mul" or uses.get(n.input[k]) != 1 or id(mul) in used:
+            if mul is None or mul.op_type != "Mul" or uses.reads(n.input[k]) != 1 or id(mul) in used:
                 continue
             j = next((j for j, t in enumerate(mul.input) if t in producer and producer[t].op_type == "Neg"
-                      and uses.get(t) == 1 and id(producer[t]) not in used), None)
+                      and uses.reads(t) == 1 and id(producer[t]) not in used), None)
             if j is None:
                 continue
             neg = producer[mul.input[j]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from dconnx.graph import GraphUses
 from dconnx.ops.emitted import SCALAR_ELEMENTWISE, SUMS, WEIGHT_PRODUCTS
 
 
@@ -46,14 +47,8 @@ class _Folder:
         self.g = g
         self.serial, self.taken = serial, taken
         self.scalars = _scalar_names(g)
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.uses: dict[str, int] = {}
-        for n in g.node:
-            for i in n.input:
-                if i:
-                    self.uses[i] = self.uses.get(i, 0) + 1
-        for o in g.output:
-            self.uses[o.name] = self.uses.get(o.name, 0) + 2     # a graph output is never folded away
+        self.uses = GraphUses(g)
+        self.producer = self.uses.producer
         self.before: dict[int, list[onnx.NodeProto]] = {}
         self.after: dict[int, list[onnx.NodeProto]] = {}
         self.touched: set[int] = set()
@@ -74,7 +69,7 @@ class _Folder:
     def scaled(self, t: str):
         """(y, s) when t = Mul(y, s) with a rank-0 s, y not rank-0, t read once; else None."""
         n = self.producer.get(t)
-        if n is None or n.op_type != "Mul" or id(n) in self.touched or self.uses.get(t, 0) != 1:
+        if n is None or n.op_type != "Mul" or id(n) in self.touched or self.uses.reads(t) != 1:
             return None
         a, b = n.input
         if b in self.scalars and a not in self.scalars:

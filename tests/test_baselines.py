@@ -367,6 +367,30 @@ def test_identity_pooling_keeps_zennits_norm_rule():
     _close(ours, ref.sum(1), RTOL64_EPSILON, "identity pooling, float64 lrp_epsilon")
 
 
+@pytest.mark.parametrize("act,gate", [("relu", "sigmoid"), ("silu", "sigmoid"), ("hardswish", "hardsigmoid")])
+def test_lrp_through_a_squeeze_excitation_gate_equals_zennit(act, gate):
+    """A squeeze-excitation gate (torchvision.ops.SqueezeExcitation: pool, 1x1 convs, gate, then the
+    functional `scale * input`): the product of two data tensors has no LRP rule and passes the
+    gradient R·b, R·a, the activations pass relevance unchanged, as Zennit does (float64)."""
+    from torchvision.ops import SqueezeExcitation
+    acts = {"relu": torch.nn.ReLU, "silu": torch.nn.SiLU, "hardswish": torch.nn.Hardswish,
+            "sigmoid": torch.nn.Sigmoid, "hardsigmoid": torch.nn.Hardsigmoid}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), acts[act](),
+                              SqueezeExcitation(8, 4, scale_activation=acts[gate]),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), acts[act](),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    model = to_float64(export(net, torch.zeros(1, 3, 8, 8)))
+    assert "Mul" in {n.op_type for n in model.graph.node}
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    target = np.array([0, 3])
+    ours = onnx_torch.run(dconnx.convert(model, methods="lrp_epsilon").model,
+                          {"input": x, "target": target})["lrp_epsilon"]
+    ref, _ = refs.zennit_lrp(copy.deepcopy(net).double(), x, target, refs.composite("lrp_epsilon", []))
+    assert np.abs(ref).max() > 0
+    _close(ours, ref.sum(1), RTOL64_EPSILON, f"squeeze-excitation ({act}, {gate} gate), float64 lrp_epsilon")
+
+
 def test_lrp_epsilon_conserves_the_logit_without_biases():
     """Bias-free ReLU net, ε-LRP: the relevance at the input sums to f_k (up to ε shares)."""
     torch.manual_seed(0)

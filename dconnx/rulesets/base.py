@@ -44,6 +44,12 @@ class RuleSet:
         raise UnsupportedOpError([(node.name or node.output[0], node.op_type,
                                    f"the '{self.name}' rule set has no rule for a product of two data tensors")])
 
+    def product_gradient(self, ct: tuple, node) -> tuple[tuple, tuple]:
+        """The gradient of y = a·b applied to a one-tensor cotangent: (g·b, g·a), each summed over
+        the axes its factor was broadcast along."""
+        u, v, y = node.input[0], node.input[1], node.output[0]
+        return ((self.reduce_to(self.b.mul(ct[0], v), u, y),), (self.reduce_to(self.b.mul(ct[0], u), v, y),))
+
     def reduce_to(self, ct: str, like: str, out: str) -> str:
         """Sum a cotangent of `out` over the axes along which `like` was broadcast to it (the
         adjoint of broadcasting; operands of one rank, the batch axis never broadcast)."""

@@ -30,8 +30,7 @@ class PlainGradient(RuleSet):
         return (win.route(ct[0]),)
 
     def product(self, ct, node):
-        u, v, y = node.input[0], node.input[1], node.output[0]
-        return ((self.reduce_to(self.b.mul(ct[0], v), u, y),), (self.reduce_to(self.b.mul(ct[0], u), v, y),))
+        return self.product_gradient(ct, node)
 
     def smooth(self, ct, node, act, x):
         """φ'(x)·g (guided backprop too: it modifies only the Relu's backward, as Captum's)."""

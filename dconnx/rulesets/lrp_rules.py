@@ -5,8 +5,9 @@ A cotangent is one tensor, the relevance R at a tensor. The seed is
 R = f_k·e_k (the explained logit). Which rule an op gets is decided by a
 `Composite` (Zennit's layer map): Conv → the composite's conv rule (the first
 Conv may have its own), Gemm/MatMul → the dense rule, average pooling and the
-sum of two data tensors → Norm, Relu and an unfolded BatchNormalization → Pass,
-and every other op (max pooling, data movement, constant affine ops) → its
+sum of two data tensors → Norm, Relu, the smooth activations and an unfolded
+BatchNormalization → Pass, and every other op (max pooling, data movement,
+constant affine ops, the product of two data tensors of a gate) → its
 gradient, as Zennit leaves modules without a rule and functional ops alone.
 
 Forward values are the original activations (canonical tensor names); z with
@@ -226,6 +227,12 @@ class LRPRules(RuleSet):
 
     def maxpool(self, ct, win):
         return (win.route(ct[0]),)               # no rule: the gradient
+
+    def product(self, ct, node):
+        """A product of two data tensors (a squeeze-excitation gate times its signal, a GLU): no
+        rule, the gradient, as Zennit leaves the functional `scale * input` of torchvision's
+        SqueezeExcitation alone: R·b to a and R·a to b."""
+        return self.product_gradient(ct, node)
 
     def sum2(self, ct, node, sign):
         """Norm on a sum of two data tensors (Zennit's ResNet canonizers make residual adds a Sum)."""

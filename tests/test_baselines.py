@@ -425,6 +425,34 @@ def test_guided_backprop_equals_captum_float64(which, request):
 # --------------------------------------------------------------------------
 # GradCAM, LayerCAM: pytorch-grad-cam before its scaling, Captum's LayerGradCam
 # --------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["relu6", "hardtanh"])
+def test_guided_backprop_through_relu6_equals_captum(act):
+    """Captum's guided backprop hooks nn.ReLU only: a ReLU6 or Hardtanh passes its plain gradient
+    (1 inside the band, 0 where saturated), including where the layer saturates (checked: some
+    inputs of the clipped layer lie above and some below its band), float32 and float64."""
+    clipped = {"relu6": torch.nn.ReLU6(), "hardtanh": torch.nn.Hardtanh(-1.0, 2.0)}[act]
+    lo, hi = (0.0, 6.0) if act == "relu6" else (-1.0, 2.0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), clipped,
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    x = (30 if act == "relu6" else 8) * np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    with torch.no_grad():
+        pre = net[:3](torch.tensor(x, dtype=torch.float32))
+    assert (pre > hi).float().mean() > 0.05 and (pre < lo).float().mean() > 0.05
+    target = np.array([1, 4])
+    model = export(net, torch.zeros(1, 3, 8, 8))
+    ours32 = run(dconnx.convert(model, methods="guidedbp").model, x.astype(np.float32), target=target)
+    _close(ours32["guidedbp"], refs.captum_guided(net, x.astype(np.float32), target).sum(1), RTOL32,
+           f"{act} float32 guidedbp")
+    ours64 = onnx_torch.run(dconnx.convert(to_float64(model), methods="guidedbp").model,
+                            {"input": x, "target": target})["guidedbp"]
+    ref64 = refs.captum_guided(copy.deepcopy(net).double(), x, target).sum(1)
+    assert np.abs(ref64).max() > 0
+    _close(ours64, ref64, RTOL64, f"{act} float64 guidedbp")
+
+
 def _cam_params(cases):
     for which in cases:
         marks = []

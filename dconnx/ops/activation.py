@@ -21,6 +21,28 @@ def split_relu(comp, node):
         comp.zero_streams.add(comp.stream(y).n)     # max(P, N) ≥ N: nothing is left on n
 
 
+def clip_piece(view, node) -> bool:
+    """True when Relu `node` is one of the two pieces of a canonical Clip block (clip_to_relu):
+    Relu(x − lo) − Relu(x − hi) with lo < hi constants (no Sub where a bound is 0), the piece read
+    by that Sub only. Rule sets that treat ReLU6/Hardtanh as one module (Captum's guided backprop
+    hooks nn.ReLU only) recognize their pieces by it."""
+    def base(t):
+        n = view.producer.get(t)
+        if n is not None and n.op_type == "Sub" and view.is_const(n.input[1]) and not view.is_const(n.input[0]):
+            c = view.const(n.input[1])
+            if c.size == 1:
+                return n.input[0], float(c.reshape(()))
+        return t, 0.0
+    users = view.consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Sub" or node.output[0] in view.output_names:
+        return False
+    lo, hi = (view.producer.get(t) for t in users[0].input)
+    if lo is None or hi is None or lo.op_type != "Relu" or hi.op_type != "Relu" or lo is hi:
+        return False
+    (x_lo, c_lo), (x_hi, c_hi) = base(lo.input[0]), base(hi.input[0])
+    return x_lo == x_hi and c_hi > c_lo
+
+
 def backward_relu(comp, node, rs, cts):
     return [(node.input[0], rs.relu(cts[0], node))]
 

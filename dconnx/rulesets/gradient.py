@@ -9,6 +9,7 @@ the cotangent on (base class).
 """
 from __future__ import annotations
 
+from ..ops.activation import clip_piece
 from .base import RuleSet
 
 
@@ -43,8 +44,13 @@ class PlainGradient(RuleSet):
 
 
 class GuidedBackprop(PlainGradient):
-    """Relu backward `1[x > 0] ⊙ relu(g)`: Captum's relu(grad_input) of a ReLU module."""
+    """Relu backward `1[x > 0] ⊙ relu(g)`: Captum's relu(grad_input) of a ReLU module. The two
+    Relus of a canonical Clip (ReLU6, Hardtanh) keep the plain gradient, as Captum leaves those
+    modules alone: with the guided rule on each piece, a saturated ReLU6 (both masks 1) would pass
+    relu(g) − relu(−g) = g where its derivative is 0."""
     name = "guided"
 
     def relu(self, ct, node):
+        if clip_piece(self.comp.view, node):
+            return super().relu(ct, node)
         return (self.comp.where(self.mask(node), self.b.relu(ct[0])),)
